@@ -1,0 +1,39 @@
+# brainuad: set-up, the study, and the tests. `make study` and `make test` are the
+# README's two quick-start commands; both create .venv on first use.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+CORES ?= all
+
+.PHONY: setup study test lint unit clean-results
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: with it in place the other packages take it as it is
+	# (a CPU build where one is provided locally, the same version's CUDA build elsewhere).
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+## The whole study on the embedded synthetic cohort, on this machine's CPU (or GPU).
+study: setup
+	$(BIN)/snakemake --cores $(CORES)
+	@echo "Tables: results/tables/main.md (all: results/tables/), figures: results/figures/"
+	@cat results/tables/main.md
+
+lint: setup
+	$(BIN)/ruff check src tests workflow_scripts
+	$(BIN)/ruff format --check src tests workflow_scripts
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/snakemake --lint --configfile config/tiny.yaml
+
+## Lint, then every test, including a real tiny Snakemake run.
+test: lint
+	$(BIN)/pytest -q
+
+clean-results:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,28 @@
+# brainuad: the whole study, from raw (or synthetic) scans to tables, figures and report.
+# Logic lives in src/brainuad; rules are thin and call workflow_scripts/.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The default study, unless the command line gives config files (e.g. config/tiny.yaml),
+# which then replace it rather than being merged into it; --config KEY=VALUE still applies.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/preprocess.smk"
+include: "rules/slices.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

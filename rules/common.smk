@@ -1,0 +1,169 @@
+# Config validation, wildcard constraints and every input function of the workflow.
+
+import json
+
+from snakemake.utils import validate
+
+from brainuad.config import (
+    calibration_protocols,
+    check_config,
+    synthetic_subjects,
+)
+
+validate(config, "../config/schema.yaml")
+check_config(config)
+
+
+DATASETS = list(config["datasets"])
+HEALTHY_DATASET = config["healthy_dataset"]
+LESION_DATASETS = [d for d in DATASETS if config["datasets"][d]["lesion"] != "none"]
+SEQUENCES = config["preprocess"]["sequences"]
+METHODS = list(config["methods"])
+FOLDS = list(range(config["splits"]["n_folds"]))
+PROTOCOLS = calibration_protocols(config)
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    method="|".join(METHODS),
+    fold=r"\d+",
+    split="val|test",
+    subject=r"sub-[A-Za-z0-9]+",
+    sequence="|".join(SEQUENCES),
+
+
+def subjects_of(dataset):
+    """Subject identifiers of ``dataset``, known from the config (no checkpoint needed)."""
+    spec = config["datasets"][dataset]
+    return synthetic_subjects(spec["n_subjects"])
+
+
+def subjects_of_wildcard(wildcards):
+    return subjects_of(wildcards.dataset)
+
+
+def is_healthy_dataset(wildcards):
+    return wildcards.dataset == HEALTHY_DATASET
+
+
+# ---- data and preprocessing -------------------------------------------------------------
+
+
+def synthetic_lesion(wildcards):
+    return config["datasets"][wildcards.dataset]["lesion"]
+
+
+def standard_images(wildcards):
+    return {
+        sequence: f"results/standard/{wildcards.dataset}/{wildcards.subject}/{sequence}.nii.gz"
+        for sequence in SEQUENCES
+    }
+
+
+def slices_inputs(wildcards):
+    """Preprocessed files keyed '<subject>__<name>', so the script reads paths from the DAG."""
+    names = config["slices"]["sequences"] + ["brainmask", "seg"]
+    return {
+        f"{subject}__{name}": f"results/preprocessed/{wildcards.dataset}/{subject}/{name}.nii.gz"
+        for subject in subjects_of(wildcards.dataset)
+        for name in names
+    }
+
+
+def qc_records(wildcards):
+    return expand(
+        "results/preprocessed/{dataset}/{subject}/qc.json",
+        dataset=wildcards.dataset,
+        subject=subjects_of(wildcards.dataset),
+    )
+
+
+def preprocess_params(wildcards):
+    """Keyword arguments of brainuad.preprocess.preprocess_subject from the config."""
+    params = dict(config["preprocess"])
+    params.pop("sequences")
+    return params
+
+
+# ---- training and evaluation ------------------------------------------------------------
+
+
+def method_config(wildcards):
+    return config["methods"][wildcards.method]
+
+
+def score_batch_size(wildcards):
+    return config["methods"][wildcards.method].get("score_batch_size", 32)
+
+
+def calibration_inputs(wildcards):
+    """Validation data only: the fold's healthy val scores, and each lesion cohort's val
+    scores when the best-Dice-on-validation protocol is on. Never a test split."""
+    prefix = f"results/scores/{wildcards.method}/fold{wildcards.fold}"
+    inputs = {
+        "healthy_val_scores": f"{prefix}/{HEALTHY_DATASET}_val.h5",
+        "healthy_val_slices": f"results/slices/{HEALTHY_DATASET}.h5",
+    }
+    if config["evaluation"].get("best_dice_on_validation", True):
+        for dataset in LESION_DATASETS:
+            inputs[f"lesion_val_scores__{dataset}"] = f"{prefix}/{dataset}_val.h5"
+            inputs[f"lesion_val_slices__{dataset}"] = f"results/slices/{dataset}.h5"
+    return inputs
+
+
+def metrics_files(method=None, fold=None, dataset=None):
+    return expand(
+        "results/metrics/{method}/fold{fold}/{dataset}.csv",
+        method=METHODS if method is None else [method],
+        fold=FOLDS if fold is None else [fold],
+        dataset=DATASETS if dataset is None else [dataset],
+    )
+
+
+def test_scores_files():
+    return expand(
+        "results/scores/{method}/fold{fold}/{dataset}_test.h5",
+        method=METHODS,
+        fold=FOLDS,
+        dataset=DATASETS,
+    )
+
+
+def training_logs():
+    return expand(
+        "results/models/{method}/fold{fold}/train_log.csv", method=METHODS, fold=FOLDS
+    )
+
+
+# ---- targets ---------------------------------------------------------------------------
+
+FIGURES = ["dice_boxplot", "pr_curves", "qualitative", "training_curves"]
+
+
+def figure_outputs():
+    """Named figure outputs (PNG in the report, PDF for papers)."""
+    outputs = {}
+    for name in FIGURES:
+        outputs[f"{name}_png"] = report(
+            f"results/figures/{name}.png",
+            caption=f"../report/captions/{name}.rst",
+            category="Figures",
+            labels={"figure": name},
+        )
+        outputs[f"{name}_pdf"] = f"results/figures/{name}.pdf"
+    return outputs
+
+
+def data_targets():
+    return (
+        expand("results/slices/{dataset}.h5", dataset=DATASETS)
+        + expand("results/splits/{dataset}.csv", dataset=DATASETS)
+        + expand("results/qc/{dataset}.csv", dataset=DATASETS)
+    )
+
+
+def all_targets():
+    return data_targets() + [
+        "results/tables/main.md",
+        *(f"results/figures/{name}.png" for name in FIGURES),
+    ]

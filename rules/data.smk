@@ -1,0 +1,38 @@
+# Ingest: datasets into the standard per-subject layout. So far the embedded synthetic
+# cohort; real-dataset adapters (IXI, BraTS21, ...) will write the same layout.
+
+
+rule template_files:
+    output:
+        t1="results/template/mni152_t1.nii.gz",
+        brainmask="results/template/mni152_brainmask.nii.gz",
+    conda:
+        "../envs/preprocessing.yaml"
+    log:
+        "logs/template_files.log",
+    script:
+        "../workflow_scripts/template_files.py"
+
+
+rule generate_synthetic_subject:
+    output:
+        images=expand(
+            "results/standard/{{dataset}}/{{subject}}/{sequence}.nii.gz",
+            sequence=SEQUENCES,
+        ),
+        seg="results/standard/{dataset}/{subject}/seg.nii.gz",
+        truth_brainmask="results/standard/{dataset}/{subject}/brainmask_truth.nii.gz",
+        metadata="results/standard/{dataset}/{subject}/metadata.json",
+    conda:
+        "../envs/preprocessing.yaml"
+    log:
+        "logs/generate_synthetic_subject/{dataset}/{subject}.log",
+    benchmark:
+        "benchmarks/generate_synthetic_subject/{dataset}/{subject}.tsv"
+    params:
+        lesion=synthetic_lesion,
+        sequences=SEQUENCES,
+        seed=config["seed"],
+        synthetic=config.get("synthetic", {}),
+    script:
+        "../workflow_scripts/generate_synthetic_subject.py"

@@ -1,0 +1,68 @@
+# Score val/test slices, calibrate thresholds on validation data only, and compute
+# per-subject 3D metrics on the test splits.
+
+
+rule score_split:
+    input:
+        model="results/models/{method}/fold{fold}/model.pt",
+        slices="results/slices/{dataset}.h5",
+        splits="results/splits/{dataset}.csv",
+    output:
+        "results/scores/{method}/fold{fold}/{dataset}_{split}.h5",
+    conda:
+        "../envs/torch.yaml"
+    log:
+        "logs/score_split/{method}/fold{fold}/{dataset}_{split}.log",
+    benchmark:
+        "benchmarks/score_split/{method}/fold{fold}/{dataset}_{split}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        batch_size=score_batch_size,
+        device=config.get("device", "auto"),
+    script:
+        "../workflow_scripts/score_split.py"
+
+
+rule calibrate_threshold:
+    input:
+        unpack(calibration_inputs),
+    output:
+        "results/calibration/{method}/fold{fold}/threshold.json",
+    conda:
+        "../envs/torch.yaml"
+    log:
+        "logs/calibrate_threshold/{method}/fold{fold}.log",
+    benchmark:
+        "benchmarks/calibrate_threshold/{method}/fold{fold}.tsv"
+    params:
+        evaluation=config["evaluation"],
+        healthy_dataset=HEALTHY_DATASET,
+    script:
+        "../workflow_scripts/calibrate_threshold.py"
+
+
+rule subject_metrics:
+    input:
+        scores="results/scores/{method}/fold{fold}/{dataset}_test.h5",
+        slices="results/slices/{dataset}.h5",
+        thresholds="results/calibration/{method}/fold{fold}/threshold.json",
+    output:
+        table="results/metrics/{method}/fold{fold}/{dataset}.csv",
+        summary="results/metrics/{method}/fold{fold}/{dataset}.json",
+    conda:
+        "../envs/torch.yaml"
+    log:
+        "logs/subject_metrics/{method}/fold{fold}/{dataset}.log",
+    benchmark:
+        "benchmarks/subject_metrics/{method}/fold{fold}/{dataset}.tsv"
+    params:
+        evaluation=config["evaluation"],
+        resolution_mm=config["preprocess"]["resolution_mm"],
+        slice_size=config["slices"]["size"],
+        crop_shape=config["preprocess"]["crop_shape"],
+        study_config=config,
+    script:
+        "../workflow_scripts/subject_metrics.py"

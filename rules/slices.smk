@@ -1,0 +1,41 @@
+# Slices to HDF5 (one file per dataset) and subject-level splits.
+
+
+rule extract_slices:
+    input:
+        unpack(slices_inputs),
+    output:
+        "results/slices/{dataset}.h5",
+    conda:
+        "../envs/preprocessing.yaml"
+    log:
+        "logs/extract_slices/{dataset}.log",
+    benchmark:
+        "benchmarks/extract_slices/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        subjects=subjects_of_wildcard,
+        sequences=config["slices"]["sequences"],
+        size=config["slices"]["size"],
+        min_brain_fraction=config["slices"].get("min_brain_fraction", 0.25),
+        preprocess=config["preprocess"],
+    script:
+        "../workflow_scripts/extract_slices.py"
+
+
+rule make_splits:
+    output:
+        "results/splits/{dataset}.csv",
+    conda:
+        "../envs/preprocessing.yaml"
+    log:
+        "logs/make_splits/{dataset}.log",
+    params:
+        subjects=subjects_of_wildcard,
+        healthy=is_healthy_dataset,
+        splits=config["splits"],
+        seed=config["seed"],
+    script:
+        "../workflow_scripts/make_splits.py"

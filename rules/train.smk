@@ -1,0 +1,34 @@
+# Train each method on each fold's healthy training slices. Resumable: the checkpoint
+# lives outside the rule's outputs, so a killed or pre-empted job continues on re-run.
+
+
+rule train_model:
+    input:
+        slices=f"results/slices/{HEALTHY_DATASET}.h5",
+        splits=f"results/splits/{HEALTHY_DATASET}.csv",
+    output:
+        model="results/models/{method}/fold{fold}/model.pt",
+        train_log=report(
+            "results/models/{method}/fold{fold}/train_log.csv",
+            category="Training",
+            subcategory="{method}",
+            labels={"method": "{method}", "fold": "{fold}", "file": "training log"},
+        ),
+        run_config="results/models/{method}/fold{fold}/config.json",
+    conda:
+        "../envs/torch.yaml"
+    log:
+        "logs/train_model/{method}/fold{fold}.log",
+    benchmark:
+        "benchmarks/train_model/{method}/fold{fold}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        method_config=method_config,
+        checkpoint_dir="results/checkpoints/{method}/fold{fold}",
+        seed=config["seed"],
+        device=config.get("device", "auto"),
+    script:
+        "../workflow_scripts/train_model.py"

@@ -1,0 +1,244 @@
+"""The slice file contract: one HDF5 file per dataset, one row per kept axial slice.
+
+Datasets (N rows, C sequences in ``attrs["sequences"]`` order):
+
+=============  =========  ============  ===========================================
+name           dtype      shape         meaning
+=============  =========  ============  ===========================================
+images         float32    [N, C, H, W]  normalised intensities, 0 outside the brain
+brainmask      uint8      [N, H, W]     1 inside the brain
+seg            uint8      [N, H, W]     lesion labels, 0 where healthy
+label          uint8      [N]           1 if the slice has any lesion voxel
+subject        str        [N]           subject identifier
+slice_index    int32      [N]           axial index in the preprocessed volume
+=============  =========  ============  ===========================================
+
+Every dataset is chunked one slice per chunk and compressed with lzf, so reading one
+row touches one chunk. Writers are atomic (the file appears under its final name only
+when complete). Readers open lazily and never load the image stack into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from brainuad.errors import InputError
+from brainuad.io.atomic import atomic_path
+
+CONTRACT_VERSION = 1
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+class SliceWriter:
+    """Append slices subject by subject into a new slice file, atomically.
+
+    Use as a context manager; the file is renamed into place only if the block succeeds::
+
+        with SliceWriter(path, sequences=["t2"], height=64, width=64, attrs={...}) as w:
+            w.append_subject("sub-001", images, brainmask, seg, slice_index)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        sequences: Sequence[str],
+        height: int,
+        width: int,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.sequences = list(sequences)
+        self.height, self.width = int(height), int(width)
+        self.attrs = attrs or {}
+        self._atomic = None
+        self._file: h5py.File | None = None
+
+    def __enter__(self) -> SliceWriter:
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._file = h5py.File(tmp, "w")
+        c, h, w = len(self.sequences), self.height, self.width
+        f = self._file
+        f.create_dataset(
+            "images",
+            shape=(0, c, h, w),
+            maxshape=(None, c, h, w),
+            dtype="float32",
+            chunks=(1, c, h, w),
+            compression="lzf",
+        )
+        for name in ("brainmask", "seg"):
+            f.create_dataset(
+                name,
+                shape=(0, h, w),
+                maxshape=(None, h, w),
+                dtype="uint8",
+                chunks=(1, h, w),
+                compression="lzf",
+            )
+        f.create_dataset("label", shape=(0,), maxshape=(None,), dtype="uint8", chunks=(1024,))
+        f.create_dataset("slice_index", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1024,))
+        f.create_dataset("subject", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        f.attrs["sequences"] = json.dumps(self.sequences)
+        f.attrs["contract_version"] = CONTRACT_VERSION
+        for key, value in self.attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        return self
+
+    def append_subject(
+        self,
+        subject: str,
+        images: np.ndarray,
+        brainmask: np.ndarray,
+        seg: np.ndarray,
+        slice_index: np.ndarray,
+    ) -> None:
+        """Append the kept slices of one subject.
+
+        Args:
+            subject: subject identifier.
+            images: float ``[n, C, H, W]``.
+            brainmask: ``[n, H, W]``, non-zero inside the brain.
+            seg: ``[n, H, W]``, non-zero on lesions.
+            slice_index: ``[n]`` axial indices in the preprocessed volume.
+        """
+        assert self._file is not None, "use SliceWriter as a context manager"
+        n = images.shape[0]
+        expected = (n, len(self.sequences), self.height, self.width)
+        if images.shape != expected:
+            raise ValueError(f"{subject}: images shape {images.shape}, expected {expected}")
+        if brainmask.shape != expected[:1] + expected[2:] or seg.shape != brainmask.shape:
+            raise ValueError(
+                f"{subject}: brainmask {brainmask.shape} / seg {seg.shape} "
+                f"do not match images {images.shape}"
+            )
+        f = self._file
+        start = f["images"].shape[0]
+        for name in ("images", "brainmask", "seg", "label", "slice_index", "subject"):
+            f[name].resize(start + n, axis=0)
+        f["images"][start:] = images.astype(np.float32)
+        f["brainmask"][start:] = (brainmask > 0).astype(np.uint8)
+        f["seg"][start:] = seg.astype(np.uint8)
+        f["label"][start:] = (seg.reshape(n, -1) > 0).any(axis=1).astype(np.uint8)
+        f["slice_index"][start:] = np.asarray(slice_index, dtype=np.int32)
+        f["subject"][start:] = np.array([subject] * n, dtype=object)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._file is not None and self._atomic is not None
+        self._file.close()
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+class SliceFile:
+    """Lazy, read-only access to a slice file; opens the HDF5 file on first use.
+
+    Safe to hand to DataLoader workers: each process opens its own handle.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: slice file does not exist")
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        with h5py.File(self.path, "r") as f:
+            missing = {"images", "brainmask", "seg", "label", "subject", "slice_index"} - set(f)
+            if missing:
+                raise InputError(
+                    f"{self.path}: not a slice file, missing datasets {sorted(missing)}"
+                )
+            self.sequences: list[str] = json.loads(f.attrs["sequences"])
+            self.shape: tuple[int, ...] = tuple(f["images"].shape)
+            self.subjects: np.ndarray = f["subject"].asstr()[:]
+            self.slice_indices: np.ndarray = f["slice_index"][:]
+            self.labels: np.ndarray = f["label"][:]
+            self.attrs: dict[str, Any] = dict(f.attrs)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def rows_for_subjects(self, subjects: Sequence[str]) -> np.ndarray:
+        """Row indices (sorted) of all slices belonging to ``subjects``."""
+        wanted = set(subjects)
+        unknown = wanted - set(self.subjects.tolist())
+        if unknown:
+            raise InputError(f"{self.path}: subjects not in slice file: {sorted(unknown)[:5]}")
+        return np.flatnonzero(np.isin(self.subjects, list(wanted)))
+
+    def read(self, rows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+        """Read the given rows (any order) into memory: only those rows are touched."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows)
+        sorted_rows = rows[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        f = self.file
+        out = {name: f[name][sorted_rows][inverse] for name in ("images", "brainmask", "seg")}
+        out["label"] = self.labels[rows]
+        out["subject"] = self.subjects[rows]
+        out["slice_index"] = self.slice_indices[rows]
+        out["row"] = rows
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        return state
+
+
+class SliceDataset(Dataset):
+    """A torch Dataset over selected rows of a slice file; reads one slice per item.
+
+    Each item is a dict: ``image`` float32 ``[C, H, W]``, ``brainmask`` float32 ``[1, H, W]``,
+    ``seg`` uint8 ``[H, W]``, ``label`` int, ``row`` int (index in the slice file).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        subjects: Sequence[str] | None = None,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        self.slices = SliceFile(path)
+        if rows is not None:
+            self.rows = np.asarray(rows, dtype=np.int64)
+        elif subjects is not None:
+            self.rows = self.slices.rows_for_subjects(subjects)
+        else:
+            self.rows = np.arange(len(self.slices))
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = int(self.rows[index])
+        f = self.slices.file
+        return {
+            "image": torch.from_numpy(f["images"][row]),
+            "brainmask": torch.from_numpy(f["brainmask"][row][None].astype(np.float32)),
+            "seg": torch.from_numpy(f["seg"][row]),
+            "label": int(self.slices.labels[row]),
+            "row": row,
+        }

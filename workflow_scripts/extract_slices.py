@@ -1,0 +1,27 @@
+"""Extract the axial slices of every subject of one dataset into its HDF5 slice file."""
+
+import brainuad
+from brainuad.slices.extract import build_slice_file
+from brainuad.workflow import rule_logging
+
+with rule_logging(snakemake.log[0]) as log:
+    params = snakemake.params
+    names = list(params.sequences) + ["brainmask", "seg"]
+    dataset = snakemake.wildcards.dataset
+    subjects = {
+        subject: {name: snakemake.input[f"{subject}__{name}"] for name in names}
+        for subject in params.subjects
+    }
+    summary = build_slice_file(
+        out_path=snakemake.output[0],
+        subjects=subjects,
+        sequences=params.sequences,
+        size=params.size,
+        min_brain_fraction=params.min_brain_fraction,
+        attrs={
+            "dataset": dataset,
+            "preprocess": params.preprocess,
+            "brainuad_version": brainuad.__version__,
+        },
+    )
+    log.info("slices: %s", summary)
