@@ -13,8 +13,9 @@ subject        str        [N]           subject identifier
 slice_index    int32      [N]           axial index in the preprocessed volume
 =============  =========  ============  ===========================================
 
-Every dataset is chunked one slice per chunk and compressed with lzf, so reading one
-row touches one chunk. Writers are atomic (the file appears under its final name only
+The per-slice datasets (images, brainmask, seg) are chunked one slice per chunk and
+compressed with lzf, so reading one row touches one chunk; the 1-D columns use larger
+chunks. Writers are atomic (the file appears under its final name only
 when complete). Readers open lazily and never load the image stack into memory.
 """
 
@@ -89,6 +90,9 @@ class SliceWriter:
         f.create_dataset("label", shape=(0,), maxshape=(None,), dtype="uint8", chunks=(1024,))
         f.create_dataset("slice_index", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1024,))
         f.create_dataset("subject", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        reserved = {"sequences", "contract_version"} & set(self.attrs)
+        if reserved:
+            raise ValueError(f"{self.path}: attrs {sorted(reserved)} are set by the writer")
         f.attrs["sequences"] = json.dumps(self.sequences)
         f.attrs["contract_version"] = CONTRACT_VERSION
         for key, value in self.attrs.items():
@@ -129,7 +133,7 @@ class SliceWriter:
         f["images"][start:] = images.astype(np.float32)
         f["brainmask"][start:] = (brainmask > 0).astype(np.uint8)
         f["seg"][start:] = seg.astype(np.uint8)
-        f["label"][start:] = (seg.reshape(n, -1) > 0).any(axis=1).astype(np.uint8)
+        f["label"][start:] = (seg > 0).any(axis=(1, 2)).astype(np.uint8)
         f["slice_index"][start:] = np.asarray(slice_index, dtype=np.int32)
         f["subject"][start:] = np.array([subject] * n, dtype=object)
 
@@ -153,6 +157,8 @@ class SliceFile:
         self._pid: int | None = None
         with h5py.File(self.path, "r") as f:
             missing = {"images", "brainmask", "seg", "label", "subject", "slice_index"} - set(f)
+            if "sequences" not in f.attrs:
+                missing.add("attrs['sequences']")
             if missing:
                 raise InputError(
                     f"{self.path}: not a slice file, missing datasets {sorted(missing)}"
@@ -185,12 +191,10 @@ class SliceFile:
     def read(self, rows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """Read the given rows (any order) into memory: only those rows are touched."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)
-        sorted_rows = rows[order]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
+        # h5py needs increasing, unique indices: read those, then restore order and repeats.
+        unique, inverse = np.unique(rows, return_inverse=True)
         f = self.file
-        out = {name: f[name][sorted_rows][inverse] for name in ("images", "brainmask", "seg")}
+        out = {name: f[name][unique][inverse] for name in ("images", "brainmask", "seg")}
         out["label"] = self.labels[rows]
         out["subject"] = self.subjects[rows]
         out["slice_index"] = self.slice_indices[rows]

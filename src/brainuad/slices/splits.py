@@ -1,0 +1,220 @@
+"""Subject-level splits of a dataset: the ``subject, split, fold`` table.
+
+One row per (subject, fold); folds are 0-based and ``table[table.fold == k]`` is the complete
+assignment of fold ``k``. Healthy cohorts get a held-out test set shared by all folds and k-fold
+train/val over the rest; lesion cohorts get one val/test split repeated for every fold (they
+are never trained on). Assignments depend only on the set of subject ids and the seed, never on
+the order the ids are given in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainuad.errors import InputError
+from brainuad.io.atomic import write_text_atomic
+
+COLUMNS = ["subject", "split", "fold"]
+SPLITS = ("train", "val", "test")
+
+
+def _unique_subjects(subjects: Iterable[str], what: str) -> list[str]:
+    """Sorted subject ids, refusing duplicates and empty ids."""
+    ids = [str(s) for s in subjects]
+    if len(set(ids)) != len(ids):
+        duplicates = sorted({s for s in ids if ids.count(s) > 1})
+        raise InputError(f"{what}: duplicate subject ids {duplicates[:5]}")
+    if any(not s for s in ids):
+        raise InputError(f"{what}: empty subject id")
+    return sorted(ids)
+
+
+def _check_n_folds(n_folds: int) -> int:
+    if int(n_folds) != n_folds or n_folds < 2:
+        raise InputError(f"splits.n_folds: expected an integer >= 2, got {n_folds!r}")
+    return int(n_folds)
+
+
+def _round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def _table(assignments: list[dict[str, str]]) -> pd.DataFrame:
+    """Rows from one {subject: split} dict per fold, sorted by fold then subject."""
+    rows = [
+        (subject, split, fold)
+        for fold, assignment in enumerate(assignments)
+        for subject, split in sorted(assignment.items())
+    ]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["fold"] = table["fold"].astype(np.int64)
+    return table
+
+
+def healthy_splits(
+    subjects: Iterable[str], *, n_folds: int, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Held-out healthy test set plus ``n_folds`` train/val folds over the other subjects.
+
+    The subjects are sorted, shuffled with ``seed``; the first ``round(test_fraction * n)``
+    (at least one when ``test_fraction > 0``) form the test set of every fold, and the rest
+    are cut into ``n_folds`` near-equal parts: fold ``k`` validates on part ``k`` and trains
+    on the others, so every training-cohort subject is in val exactly once across folds.
+
+    Raises:
+        InputError: ``n_folds < 2``, ``test_fraction`` outside ``[0, 1)``, duplicate ids, or
+            fewer than ``n_folds`` subjects left for training after the test set.
+    """
+    n_folds = _check_n_folds(n_folds)
+    if not 0.0 <= test_fraction < 1.0:
+        raise InputError(
+            f"splits.healthy_test_fraction: expected a value in [0, 1), got {test_fraction}"
+        )
+    ids = _unique_subjects(subjects, "healthy subjects")
+    n_test = _round_half_up(test_fraction * len(ids))
+    if test_fraction > 0:
+        n_test = max(n_test, 1)
+    if len(ids) - n_test < n_folds:
+        raise InputError(
+            f"healthy subjects: {len(ids)} given, {n_test} go to the test set "
+            f"(test_fraction={test_fraction}), leaving {len(ids) - n_test} for training; "
+            f"n_folds={n_folds} needs at least {n_folds} (one val subject per fold), "
+            f"i.e. at least {n_test + n_folds} subjects"
+        )
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    test, rest = shuffled[:n_test], shuffled[n_test:]
+    parts = [list(p) for p in np.array_split(np.array(rest, dtype=object), n_folds)]
+    assignments = []
+    for k in range(n_folds):
+        assignment = dict.fromkeys(test, "test")
+        for j, part in enumerate(parts):
+            assignment.update(dict.fromkeys(part, "val" if j == k else "train"))
+        assignments.append(assignment)
+    return _table(assignments)
+
+
+def lesion_splits(
+    subjects: Iterable[str], *, n_folds: int, val_fraction: float, seed: int
+) -> pd.DataFrame:
+    """One val/test split of a lesion cohort, repeated for each of the ``n_folds`` folds.
+
+    ``round(val_fraction * n)`` shuffled subjects go to val, the rest to test; with two or
+    more subjects each split gets at least one. A single subject goes to test.
+
+    Raises:
+        InputError: ``n_folds < 2``, ``val_fraction`` outside ``(0, 1)``, no subjects, or
+            duplicate ids.
+    """
+    n_folds = _check_n_folds(n_folds)
+    if not 0.0 < val_fraction < 1.0:
+        raise InputError(
+            f"splits.lesion_val_fraction: expected a value in (0, 1), got {val_fraction}"
+        )
+    ids = _unique_subjects(subjects, "lesion subjects")
+    if not ids:
+        raise InputError("lesion subjects: none given, expected at least one")
+    n_val = _round_half_up(val_fraction * len(ids))
+    n_val = min(max(n_val, 1), len(ids) - 1) if len(ids) >= 2 else 0
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    assignment = dict.fromkeys(shuffled[n_val:], "test")
+    assignment.update(dict.fromkeys(shuffled[:n_val], "val"))
+    return _table([assignment] * n_folds)
+
+
+def check_splits(df: pd.DataFrame, *, source: str | os.PathLike | None = None) -> None:
+    """Raise InputError unless ``df`` is a valid splits table.
+
+    Checks: columns exactly ``subject, split, fold``; no missing values; split in
+    {train, val, test}; folds are the integers ``0..k-1``; every fold lists the same
+    subjects; no subject appears twice within one fold (in particular not in two splits).
+    Messages start with ``source`` (the file) when given.
+    """
+    where = str(source) if source is not None else "splits table"
+    if list(df.columns) != COLUMNS:
+        raise InputError(f"{where}: columns {list(df.columns)}, expected {COLUMNS}")
+    if df.empty:
+        raise InputError(f"{where}: no rows")
+    if df.isna().any().any():
+        bad = df.columns[df.isna().any()].tolist()
+        raise InputError(f"{where}: missing values in column(s) {bad}")
+    unknown = sorted(set(df["split"]) - set(SPLITS))
+    if unknown:
+        raise InputError(f"{where}: split values {unknown}, expected one of {list(SPLITS)}")
+    fold = pd.to_numeric(df["fold"], errors="coerce")
+    if fold.isna().any() or not (fold == fold.round()).all():
+        raise InputError(f"{where}: fold must hold integers, got {sorted(set(df['fold']))[:5]}")
+    folds = sorted(set(fold.astype(np.int64)))
+    if folds != list(range(len(folds))):
+        raise InputError(f"{where}: folds {folds}, expected 0..{len(folds) - 1} (0-based)")
+    table = df.assign(fold=fold.astype(np.int64))
+    counts = table.groupby(["fold", "subject"])["split"].agg(list)
+    repeated = counts[counts.map(len) > 1]
+    if not repeated.empty:
+        (k, subject), splits = next(iter(repeated.items()))
+        raise InputError(
+            f"{where}: subject {subject!r} appears {len(splits)} times in fold {k} "
+            f"(splits {splits}); a subject must be in exactly one split per fold"
+        )
+    reference = set(table.loc[table["fold"] == 0, "subject"])
+    for k in folds[1:]:
+        other = set(table.loc[table["fold"] == k, "subject"])
+        if other != reference:
+            diff = sorted(other ^ reference)[:5]
+            raise InputError(
+                f"{where}: fold {k} lists different subjects from fold 0 (e.g. {diff}); "
+                "every fold must assign every subject"
+            )
+
+
+def write_splits(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Validate ``df`` and write it atomically as CSV, rows sorted by fold then subject."""
+    check_splits(df, source=path)
+    table = df.sort_values(["fold", "subject"], kind="stable").reset_index(drop=True)
+    write_text_atomic(path, table[COLUMNS].to_csv(index=False))
+
+
+def read_splits(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate a splits CSV; subject ids stay strings (``"001"`` is not 1).
+
+    Raises:
+        InputError: naming ``path`` if it is missing, unreadable or invalid.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: splits file does not exist")
+    try:
+        df = pd.read_csv(path, dtype={"subject": str, "split": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a readable CSV ({err})") from err
+    df = df.replace("", np.nan)
+    check_splits(df, source=path)
+    df["fold"] = pd.to_numeric(df["fold"]).astype(np.int64)
+    return df
+
+
+def subjects_in(
+    df_or_path: pd.DataFrame | str | os.PathLike, *, fold: int, split: str
+) -> list[str]:
+    """Sorted subject ids assigned to ``split`` in ``fold`` (may be empty, e.g. lesion train).
+
+    Raises:
+        InputError: unknown ``split``, or ``fold`` not in the table.
+    """
+    if isinstance(df_or_path, pd.DataFrame):
+        df, where = df_or_path, "splits table"
+    else:
+        df, where = read_splits(df_or_path), str(df_or_path)
+    if split not in SPLITS:
+        raise InputError(f"split: {split!r}, expected one of {list(SPLITS)}")
+    folds = sorted(set(df["fold"].astype(np.int64)))
+    if fold not in folds:
+        raise InputError(f"{where}: fold {fold} not present (folds {folds})")
+    selected = df[(df["fold"].astype(np.int64) == fold) & (df["split"] == split)]
+    return sorted(selected["subject"].astype(str))

@@ -1,0 +1,153 @@
+"""Tests of subject-level splits: invariants, determinism and the CSV reader."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import pytest
+
+from brainuad.errors import InputError
+from brainuad.slices.splits import (
+    check_splits,
+    healthy_splits,
+    lesion_splits,
+    read_splits,
+    subjects_in,
+    write_splits,
+)
+
+HEALTHY = [f"{i:03d}" for i in range(23)]  # zero-padded ids must survive the CSV round trip
+LESION = [f"brats-{i}" for i in range(7)]
+
+
+def by_fold(table: pd.DataFrame, fold: int) -> dict[str, str]:
+    rows = table[table["fold"] == fold]
+    return dict(zip(rows["subject"], rows["split"], strict=True))
+
+
+@pytest.mark.parametrize(("n_folds", "test_fraction"), [(2, 0.25), (5, 0.2), (3, 0.0)])
+def test_healthy_split_invariants(n_folds, test_fraction):
+    table = healthy_splits(HEALTHY, n_folds=n_folds, test_fraction=test_fraction, seed=1)
+    assert list(table.columns) == ["subject", "split", "fold"]
+    assert sorted(set(table["fold"])) == list(range(n_folds))
+    check_splits(table)
+    folds = [by_fold(table, k) for k in range(n_folds)]
+    for assignment in folds:
+        assert sorted(assignment) == HEALTHY  # every subject, exactly once per fold
+    test = {s for s, split in folds[0].items() if split == "test"}
+    assert all({s for s, split in f.items() if split == "test"} == test for f in folds)
+    assert len(test) == round(test_fraction * len(HEALTHY))
+    cohort = set(HEALTHY) - test
+    val_sets = [{s for s, split in f.items() if split == "val"} for f in folds]
+    assert sorted(s for val in val_sets for s in val) == sorted(cohort)  # a partition
+    assert max(map(len, val_sets)) - min(map(len, val_sets)) <= 1
+    for assignment, val in zip(folds, val_sets, strict=True):
+        train = {s for s, split in assignment.items() if split == "train"}
+        assert train == cohort - val and train and not train & test
+
+
+def test_healthy_splits_deterministic_and_order_free():
+    reference = healthy_splits(HEALTHY, n_folds=3, test_fraction=0.25, seed=7)
+    shuffled = HEALTHY[:]
+    random.Random(0).shuffle(shuffled)
+    again = healthy_splits(shuffled, n_folds=3, test_fraction=0.25, seed=7)
+    pd.testing.assert_frame_equal(reference, again)
+    other = healthy_splits(HEALTHY, n_folds=3, test_fraction=0.25, seed=8)
+    assert not reference.equals(other)
+
+
+@pytest.mark.parametrize(
+    ("subjects", "kwargs", "match"),
+    [
+        (HEALTHY, {"n_folds": 1}, "n_folds"),
+        (HEALTHY[:4], {"n_folds": 4}, "at least 5"),
+        (HEALTHY, {"test_fraction": 1.0}, "test_fraction"),
+        (["a", "b", "a", "c", "d"], {}, "duplicate"),
+    ],
+)
+def test_healthy_splits_rejects(subjects, kwargs, match):
+    options = {"n_folds": 2, "test_fraction": 0.25, "seed": 0, **kwargs}
+    with pytest.raises(InputError, match=match):
+        healthy_splits(subjects, **options)
+
+
+@pytest.mark.parametrize("subjects", [LESION, LESION[:2], LESION[:1]])
+def test_lesion_splits(subjects):
+    table = lesion_splits(subjects, n_folds=3, val_fraction=0.34, seed=0)
+    check_splits(table)
+    folds = [by_fold(table, k) for k in range(3)]
+    assert all(f == folds[0] for f in folds)
+    assert sorted(folds[0]) == sorted(subjects)
+    val = {s for s, split in folds[0].items() if split == "val"}
+    test = {s for s, split in folds[0].items() if split == "test"}
+    assert not val & test and val | test == set(subjects)
+    assert set(folds[0].values()) <= {"val", "test"}
+    if len(subjects) >= 2:
+        assert val and test
+    else:
+        assert test == set(subjects)
+    shuffled = list(reversed(subjects))
+    pd.testing.assert_frame_equal(
+        table, lesion_splits(shuffled, n_folds=3, val_fraction=0.34, seed=0)
+    )
+
+
+def test_lesion_splits_rejects():
+    with pytest.raises(InputError, match="none given"):
+        lesion_splits([], n_folds=2, val_fraction=0.3, seed=0)
+    with pytest.raises(InputError, match="val_fraction"):
+        lesion_splits(LESION, n_folds=2, val_fraction=0.0, seed=0)
+
+
+def test_round_trip_and_subjects_in(tmp_path):
+    table = healthy_splits(HEALTHY, n_folds=2, test_fraction=0.25, seed=3)
+    path = tmp_path / "splits" / "healthy.csv"
+    write_splits(table, path)
+    assert path.read_text().splitlines()[0] == "subject,split,fold"
+    back = read_splits(path)
+    pd.testing.assert_frame_equal(back, table, check_dtype=False)
+    assert back["subject"].tolist() == table["subject"].tolist()  # "001" stays "001"
+    for fold in (0, 1):
+        for split in ("train", "val", "test"):
+            expected = sorted(s for s, sp in by_fold(table, fold).items() if sp == split)
+            assert subjects_in(path, fold=fold, split=split) == expected
+            assert subjects_in(table, fold=fold, split=split) == expected
+    with pytest.raises(InputError, match="fold 2"):
+        subjects_in(path, fold=2, split="val")
+    with pytest.raises(InputError, match="split"):
+        subjects_in(table, fold=0, split="training")
+    lesion = lesion_splits(LESION, n_folds=2, val_fraction=0.3, seed=0)
+    assert subjects_in(lesion, fold=1, split="train") == []
+
+
+def test_reader_rejects_subject_in_two_splits(tmp_path):
+    path = tmp_path / "bad.csv"
+    rows = ["a,train,0", "b,val,0", "c,test,0", "a,val,0", "a,val,1", "b,train,1", "c,test,1"]
+    path.write_text("\n".join(["subject,split,fold", *rows]) + "\n")
+    with pytest.raises(InputError, match=rf"{path}.*'a'.*fold 0"):
+        read_splits(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("subject,split\na,train\n", "columns"),
+        ("subject,split,fold\na,training,0\n", "split values"),
+        ("subject,split,fold\na,train,1\n", "0-based"),
+        ("subject,split,fold\na,train,x\n", "integers"),
+        ("subject,split,fold\na,train,0\nb,val,0\na,val,1\n", "fold 1 lists different"),
+        ("subject,split,fold\n,train,0\n", "missing values"),
+    ],
+)
+def test_reader_rejects_malformed(tmp_path, text, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=match) as err:
+        read_splits(path)
+    assert str(path) in str(err.value)
+
+
+def test_reader_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_splits(tmp_path / "absent.csv")
