@@ -1,0 +1,199 @@
+"""Threshold calibration protocols, each recorded together with the data it saw.
+
+Two protocols (see REFERENCES.md, "Evaluation protocols in the references"):
+
+``healthy_fpr``
+    The threshold that flags a target fraction (5 %, 1 %) of healthy validation brain voxels,
+    pooled over subjects (autoDDPM / GenAI_UAD; cDDPM logs it). Uses no pixel labels: only
+    the knowledge that the validation subjects are healthy. Named ``healthy_fpr_<percent>``.
+``best_dice_val``
+    cDDPM's protocol: the threshold maximising Dice on the pooled voxels of a lesion cohort's
+    validation split. It sees pixel labels (``uses_pixel_labels: true``), so it is a
+    different claim than healthy calibration. Named ``best_dice_val/<dataset>``.
+
+Both work on post-processed maps inside the evaluated region (eroded brain mask) and on
+``map > threshold`` before component removal (as cDDPM's ``find_best_val`` and its healthy
+thresholds). cDDPM pools whole volumes, background included, which makes its "x % FPR"
+a fraction of the volume, not of the brain; here it is a fraction of the brain.
+
+Quantile convention for ``healthy_fpr``: with n pooled healthy voxel values and
+k = floor(fpr · n), the threshold is the (n - k)-th smallest value, i.e. the smallest
+healthy value t with #{v > t} ≤ k. Without ties exactly k voxels are flagged; ties at the
+threshold flag fewer, never more. (cDDPM's ``roc_curve`` choice is the first threshold whose
+FPR exceeds the target, i.e. slightly more than the target.)
+
+Nothing here reads files: the functions see only the arrays they are given. The orchestration
+in :mod:`brainuad.evaluation.evaluate` passes validation scores only.
+
+A ``threshold.json`` holds several protocols::
+
+    {"thresholds": {"healthy_fpr_5": {...}, "healthy_fpr_1": {...},
+                    "best_dice_val/brats21": {...}}, "provenance": {...}}
+
+each entry as returned by :func:`calibrate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from brainuad.config import healthy_fpr_protocol
+from brainuad.errors import InputError
+from brainuad.evaluation.metrics import best_dice_threshold
+from brainuad.evaluation.postprocess import PostprocessConfig
+from brainuad.provenance import provenance
+
+Protocol = Literal["healthy_fpr", "best_dice_val"]
+
+
+def _pool(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray], what: str) -> np.ndarray:
+    if len(arrays) != len(masks):
+        raise ValueError(f"{len(arrays)} {what} but {len(masks)} brain masks")
+    parts = []
+    for a, m in zip(arrays, masks, strict=True):
+        a = np.asarray(a)
+        m = np.asarray(m, dtype=bool)
+        if a.shape != m.shape:
+            raise ValueError(f"{what} of shape {a.shape} with brain mask {m.shape}")
+        parts.append(a[m])
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def protocol_name(protocol: Protocol, *, target_fpr: float | None = None, dataset: str = "") -> str:
+    """The key of a protocol in ``threshold.json`` and in metric columns.
+
+    ``healthy_fpr`` at 0.05 -> ``healthy_fpr_5`` (0.005 -> ``healthy_fpr_0p5``, one rule with
+    :func:`brainuad.config.healthy_fpr_protocol`); ``best_dice_val`` on brats21 ->
+    ``best_dice_val/brats21``.
+    """
+    if protocol == "healthy_fpr":
+        if target_fpr is None:
+            raise ValueError("healthy_fpr needs target_fpr")
+        return healthy_fpr_protocol(target_fpr)
+    if protocol == "best_dice_val":
+        return f"best_dice_val/{dataset}"
+    raise ValueError(f"protocol: expected healthy_fpr or best_dice_val, got {protocol!r}")
+
+
+def threshold_at_healthy_fpr(
+    healthy_maps: Sequence[np.ndarray], brainmasks: Sequence[np.ndarray], fpr: float = 0.05
+) -> tuple[float, int]:
+    """The threshold flagging at most ``fpr`` of pooled healthy brain voxels.
+
+    Args:
+        healthy_maps: post-processed maps of healthy validation subjects.
+        brainmasks: the evaluated regions (eroded brain masks), same shapes.
+        fpr: target fraction in (0, 1).
+
+    Returns:
+        ``(threshold, n_voxels)``; ``map > threshold`` flags ``floor(fpr · n)`` voxels when
+        there are no ties (module doc).
+    """
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr: expected a fraction in (0, 1), got {fpr}")
+    values = _pool(healthy_maps, brainmasks, "maps")
+    n = values.size
+    if n == 0:
+        raise InputError("healthy FPR calibration: no brain voxels in the healthy maps")
+    k = math.floor(fpr * n)
+    rank = n - k - 1
+    return float(np.partition(values, rank)[rank]), int(n)
+
+
+def threshold_best_dice(
+    maps: Sequence[np.ndarray],
+    segs: Sequence[np.ndarray],
+    brainmasks: Sequence[np.ndarray],
+    n_candidates: int | None = None,
+) -> tuple[float, float, int]:
+    """The threshold maximising Dice of ``map > t`` on pooled validation voxels (cDDPM).
+
+    cDDPM searches by iterative interval bisection (10 steps over ``[0, max]``); here the
+    search is exact over every distinct value (``n_candidates=None``) or over that many
+    quantiles, which finds at least as good an optimum.
+
+    Returns:
+        ``(threshold, pooled_dice, n_voxels)``.
+    """
+    values = _pool(maps, brainmasks, "maps")
+    labels = _pool([np.asarray(s) > 0 for s in segs], brainmasks, "segs")
+    best, threshold = best_dice_threshold(values, labels, n_candidates=n_candidates)
+    if math.isnan(best):
+        raise InputError("best-Dice calibration: no lesion voxels inside the brain masks")
+    return threshold, best, int(values.size)
+
+
+def calibrate(
+    protocol: Protocol,
+    *,
+    maps: Sequence[np.ndarray],
+    brainmasks: Sequence[np.ndarray],
+    subjects: Sequence[str],
+    dataset: str | Sequence[str],
+    postprocess: PostprocessConfig,
+    segs: Sequence[np.ndarray] | None = None,
+    target_fpr: float | None = None,
+    n_candidates: int | None = None,
+) -> dict[str, Any]:
+    """Run one protocol and return its JSON-ready record.
+
+    Args:
+        protocol: ``"healthy_fpr"`` or ``"best_dice_val"``.
+        maps: post-processed validation maps, one per subject.
+        brainmasks: evaluated regions (eroded brain masks).
+        subjects: the subjects behind ``maps``, recorded.
+        dataset: dataset name(s) of the validation data, recorded.
+        postprocess: the post-processing that made ``maps``, recorded so that metrics can
+            refuse a threshold made under other post-processing.
+        segs: lesion masks (``best_dice_val`` only).
+        target_fpr: flagged fraction (``healthy_fpr`` only).
+        n_candidates: see :func:`threshold_best_dice`.
+    """
+    if len(subjects) != len(maps):
+        raise ValueError(f"{len(maps)} maps but {len(subjects)} subjects")
+    record: dict[str, Any] = {"protocol": protocol, "target_fpr": None}
+    if protocol == "healthy_fpr":
+        if target_fpr is None:
+            raise ValueError("healthy_fpr calibration needs target_fpr")
+        threshold, n = threshold_at_healthy_fpr(maps, brainmasks, target_fpr)
+        flagged = sum(
+            int((np.asarray(m)[np.asarray(b, bool)] > threshold).sum())
+            for m, b in zip(maps, brainmasks, strict=True)
+        )
+        record.update(
+            target_fpr=float(target_fpr), threshold=threshold, achieved_fpr_val=flagged / n
+        )
+        uses_pixel_labels = False
+    elif protocol == "best_dice_val":
+        if segs is None:
+            raise ValueError("best_dice_val calibration needs segs")
+        threshold, best, n = threshold_best_dice(maps, segs, brainmasks, n_candidates)
+        record.update(threshold=threshold, pooled_dice_val=best, n_candidates=n_candidates)
+        uses_pixel_labels = True
+    else:
+        raise ValueError(f"protocol: expected healthy_fpr or best_dice_val, got {protocol!r}")
+    record["chosen_on"] = {
+        "dataset": dataset if isinstance(dataset, str) else list(dataset),
+        "split": "val",
+        "subjects": [str(s) for s in subjects],
+        "n_voxels": n,
+        "uses_pixel_labels": uses_pixel_labels,
+        "uses_test_data": False,
+    }
+    record["postprocess"] = postprocess.to_dict()
+    record["provenance"] = provenance()
+    return record
+
+
+def threshold_values(thresholds: dict[str, Any]) -> dict[str, float]:
+    """Protocol name -> threshold, from a ``threshold.json`` dict, its ``thresholds`` part,
+    or a plain ``{name: float}`` mapping."""
+    entries = thresholds.get("thresholds", thresholds)
+    out = {}
+    for name, entry in entries.items():
+        out[name] = float(entry["threshold"] if isinstance(entry, dict) else entry)
+    return out

@@ -1,0 +1,232 @@
+"""Evaluation orchestration: what the Snakemake scripts of ``rules/evaluate.smk`` call.
+
+:func:`calibrate_from_scores` turns validation scores into the ``threshold.json`` dict;
+:func:`subject_metrics_table` turns one test scores file and those thresholds into one row
+per subject plus slice-level metrics. Definitions of every metric are in
+:mod:`brainuad.evaluation.metrics`.
+
+Columns of the subject table (``<p>`` is a protocol name from ``threshold.json``:
+``healthy_fpr_5``, ``healthy_fpr_1``, ``best_dice_val/<dataset>``):
+
+=======================================  ===================================================
+column                                   meaning
+=======================================  ===================================================
+subject, n_slices                        subject id, slices scored
+has_lesion                               any lesion voxel inside the evaluated region
+region_voxels                            voxels of the evaluated region (eroded brain mask)
+true_volume_voxels, true_volume_ml       lesion volume inside the region
+auroc, auprc                             voxel-wise, threshold-free
+oracle_dice, oracle_threshold            best Dice over thresholds on this volume (ORACLE:
+                                         chosen with its test labels; an upper bound only)
+dice@<p>, hd95@<p>                       at the protocol's threshold, after post-processing
+fpr@<p>                                  flagged fraction of non-lesion region voxels
+pred_volume_voxels@<p>, pred_volume_ml@<p>
+lesion_tp@<p>, lesion_fp@<p>, lesion_fn@<p>, lesion_precision@<p>, lesion_recall@<p>,
+lesion_f1@<p>                            lesion-wise detection (3D components)
+recon_l1, recon_l1_brain, recon_ssim     reconstruction quality on healthy slices (only
+                                         when the scores file has reconstructions)
+mse_healthy_region, mse_anomaly_region,
+ssim_healthy_region, ssim_anomaly_region GenAI_UAD normative components (idem)
+=======================================  ===================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from brainuad.errors import InputError
+from brainuad.evaluation.calibration import calibrate, protocol_name, threshold_values
+from brainuad.evaluation.metrics import (
+    ImageScore,
+    reconstruction_quality,
+    region_reconstruction_errors,
+    slice_detection_metrics,
+    slice_scores,
+    subject_volume_metrics,
+)
+from brainuad.evaluation.postprocess import PostprocessConfig, erode_brainmask, postprocess_map
+from brainuad.evaluation.volumes import iter_subject_volumes
+from brainuad.io.scores import ScoresFile
+from brainuad.provenance import provenance
+from brainuad.slices.hdf5 import SliceFile
+
+PathPair = tuple[str | os.PathLike, str | os.PathLike]
+
+
+def _dataset_name(scores: ScoresFile, slices: SliceFile) -> str:
+    return str(scores.attrs.get("dataset", slices.path.stem))
+
+
+def _require_val(scores: ScoresFile) -> None:
+    split = scores.attrs.get("split")
+    if split is not None and split != "val":
+        raise InputError(
+            f"{scores.path}: attribute 'split' is {split!r}; calibration takes 'val' scores only"
+        )
+
+
+def _load_val(pair: PathPair, cfg: PostprocessConfig):
+    slices, scores = SliceFile(pair[0]), ScoresFile(pair[1])
+    _require_val(scores)
+    maps, masks, segs, subjects = [], [], [], []
+    for vol in iter_subject_volumes(slices, scores):
+        maps.append(postprocess_map(vol.anomaly_map, vol.brainmask, cfg))
+        masks.append(erode_brainmask(vol.brainmask, cfg))
+        segs.append(vol.seg)
+        subjects.append(vol.subject)
+    return _dataset_name(scores, slices), subjects, maps, masks, segs
+
+
+def calibrate_from_scores(
+    *,
+    healthy_val: Sequence[PathPair],
+    lesion_val: Mapping[str, PathPair],
+    postprocess: PostprocessConfig,
+    fprs: Sequence[float] = (0.05, 0.01),
+    n_candidates: int | None = None,
+) -> dict[str, Any]:
+    """All calibration protocols of one method and fold, as the ``threshold.json`` dict.
+
+    Args:
+        healthy_val: ``(slice_path, scores_path)`` of healthy validation splits; their maps
+            are pooled for every ``healthy_fpr_<percent>`` protocol.
+        lesion_val: dataset -> ``(slice_path, scores_path)`` of a lesion cohort's validation
+            split; one ``best_dice_val/<dataset>`` protocol each.
+        postprocess: post-processing applied before thresholding (recorded).
+        fprs: target healthy false-positive fractions.
+        n_candidates: threshold candidates for best Dice (None: exact).
+
+    Raises:
+        InputError: a scores file whose ``split`` attribute is not ``val``, or a healthy
+            validation subject with lesion voxels.
+    """
+    thresholds: dict[str, Any] = {}
+    if healthy_val:
+        datasets, subjects, maps, masks = [], [], [], []
+        for pair in healthy_val:
+            name, subs, m, b, segs = _load_val(pair, postprocess)
+            sick = [s for s, g in zip(subs, segs, strict=True) if g.any()]
+            if sick:
+                raise InputError(
+                    f"{pair[1]}: healthy validation subjects with lesion voxels: {sick[:5]}"
+                )
+            datasets.append(name)
+            subjects += [f"{name}/{s}" for s in subs] if len(healthy_val) > 1 else subs
+            maps += m
+            masks += b
+        for fpr in fprs:
+            thresholds[protocol_name("healthy_fpr", target_fpr=fpr)] = calibrate(
+                "healthy_fpr",
+                maps=maps,
+                brainmasks=masks,
+                subjects=subjects,
+                dataset=datasets[0] if len(datasets) == 1 else datasets,
+                postprocess=postprocess,
+                target_fpr=fpr,
+            )
+        del maps, masks
+    for dataset, pair in lesion_val.items():
+        _, subs, maps, masks, segs = _load_val(pair, postprocess)
+        thresholds[protocol_name("best_dice_val", dataset=dataset)] = calibrate(
+            "best_dice_val",
+            maps=maps,
+            brainmasks=masks,
+            segs=segs,
+            subjects=subs,
+            dataset=dataset,
+            postprocess=postprocess,
+            n_candidates=n_candidates,
+        )
+    return {
+        "thresholds": thresholds,
+        "provenance": provenance({"postprocess": postprocess.to_dict()}),
+    }
+
+
+def _check_postprocess(thresholds: Mapping[str, Any], cfg: PostprocessConfig) -> None:
+    entries = thresholds.get("thresholds", thresholds)
+    for name, entry in entries.items():
+        recorded = entry.get("postprocess") if isinstance(entry, dict) else None
+        if recorded is not None and PostprocessConfig.from_dict(recorded) != cfg:
+            raise InputError(
+                f"threshold {name!r} was calibrated with postprocess {recorded}, "
+                f"expected {cfg.to_dict()}"
+            )
+
+
+def subject_metrics_table(
+    *,
+    slice_path: str | os.PathLike,
+    scores_path: str | os.PathLike,
+    thresholds: Mapping[str, Any],
+    postprocess: PostprocessConfig,
+    image_score: ImageScore = "max",
+    voxel_volume_ml: float | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Metrics of every subject in one scores file (module doc lists the columns).
+
+    Args:
+        slice_path, scores_path: the slice file and the scores of one split of it.
+        thresholds: ``threshold.json`` content (or ``{protocol: threshold}``).
+        postprocess: must equal the post-processing recorded with each threshold.
+        image_score: slice score statistic for slice-level detection.
+        voxel_volume_ml: volume of one voxel in ml (volumes in ml are NaN without it).
+        spacing: voxel size ``(slice, row, column)`` for HD95 (default: voxel units).
+
+    Returns:
+        ``(table, slice_level)``: one row per subject; slice-level AUROC/AUPRC over all
+        scored slices with the ``image_score`` used.
+    """
+    _check_postprocess(thresholds, postprocess)
+    values = threshold_values(dict(thresholds))
+    slices, scores = SliceFile(slice_path), ScoresFile(scores_path)
+    rows: list[dict[str, Any]] = []
+    all_scores, all_labels = [], []
+    for vol in iter_subject_volumes(
+        slices,
+        scores,
+        with_images=scores.has_reconstruction,
+        with_reconstruction=scores.has_reconstruction,
+    ):
+        post = postprocess_map(vol.anomaly_map, vol.brainmask, postprocess)
+        region = erode_brainmask(vol.brainmask, postprocess)
+        row: dict[str, Any] = {"subject": vol.subject, "n_slices": int(vol.present.sum())}
+        row.update(
+            subject_volume_metrics(
+                post,
+                region,
+                vol.seg,
+                values,
+                postprocess,
+                spacing=spacing,
+                voxel_volume_ml=voxel_volume_ml,
+            )
+        )
+        if vol.reconstruction is not None and vol.image is not None:
+            healthy = vol.present & (vol.label == 0)
+            row.update(
+                reconstruction_quality(vol.image, vol.reconstruction, vol.brainmask, healthy)
+            )
+            row.update(
+                region_reconstruction_errors(vol.image, vol.reconstruction, vol.brainmask, vol.seg)
+            )
+        rows.append(row)
+        all_scores.append(slice_scores(post, region, image_score)[vol.present])
+        all_labels.append(vol.label[vol.present] > 0)
+    table = pd.DataFrame(rows)
+    if all_scores:
+        slice_level = slice_detection_metrics(
+            np.concatenate(all_scores), np.concatenate(all_labels)
+        )
+    else:
+        slice_level = slice_detection_metrics(np.empty(0), np.empty(0, dtype=bool))
+    slice_level["image_score"] = image_score
+    slice_level["scores"] = str(Path(scores_path))
+    return table, slice_level

@@ -1,0 +1,142 @@
+"""Reassemble per-subject 3D volumes from a slice file and a scores file.
+
+Evaluation is per volume (as in cDDPM), but both files store one row per axial slice.
+:func:`iter_subject_volumes` groups the scored rows by subject and stacks them in
+``slice_index`` order, one subject at a time, so memory stays at one volume.
+
+Slices a subject lacks between its lowest and highest ``slice_index`` (the slicer may
+drop slices without brain) are filled with zeros and an empty brain mask, so that the 3D
+operations of post-processing (median filter, connected components) see true neighbours;
+``present`` marks the slices that exist in the files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from brainuad.errors import InputError
+from brainuad.io.scores import ScoresFile
+from brainuad.slices.hdf5 import SliceFile
+
+
+@dataclass
+class SubjectVolume:
+    """One subject's slices stacked along axis 0 in ``slice_index`` order.
+
+    Attributes:
+        subject: subject identifier.
+        anomaly_map: float32 ``[S, H, W]``, the raw anomaly map.
+        brainmask: bool ``[S, H, W]``.
+        seg: bool ``[S, H, W]``, the binary lesion mask (``seg > 0``).
+        slice_index: int ``[S]``, consecutive axial indices.
+        rows: int64 ``[S]``, row in the slice file (-1 where the slice is missing).
+        present: bool ``[S]``, the slice exists in the files.
+        label: uint8 ``[S]``, slice label from the slice file (0 where missing).
+        image: float32 ``[S, C, H, W]`` when requested, else None.
+        reconstruction: float32 ``[S, C, H, W]`` when requested and stored, else None.
+    """
+
+    subject: str
+    anomaly_map: np.ndarray
+    brainmask: np.ndarray
+    seg: np.ndarray
+    slice_index: np.ndarray
+    rows: np.ndarray
+    present: np.ndarray
+    label: np.ndarray
+    image: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
+
+    @property
+    def has_lesion(self) -> bool:
+        return bool(self.seg.any())
+
+
+def _open(obj, cls):
+    return obj if isinstance(obj, cls) else cls(obj)
+
+
+def iter_subject_volumes(
+    slice_file: SliceFile | str | os.PathLike,
+    scores_file: ScoresFile | str | os.PathLike,
+    with_images: bool = False,
+    with_reconstruction: bool = False,
+) -> Iterator[SubjectVolume]:
+    """Yield one :class:`SubjectVolume` per subject scored in ``scores_file``.
+
+    Subjects come in order of their first row in the scores file. Rows within the scores
+    file may be in any order.
+
+    Raises:
+        InputError: rows outside the slice file, map size unlike the slices, or one
+            subject with the same ``slice_index`` twice.
+    """
+    slices = _open(slice_file, SliceFile)
+    scores = _open(scores_file, ScoresFile)
+    n_rows = slices.shape[0]
+    rows = np.asarray(scores.rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise InputError(
+            f"{scores.path}: field 'row' must index {slices.path} (0..{n_rows - 1}), "
+            f"got range {rows.min()}..{rows.max()}"
+        )
+    subjects = slices.subjects[rows]
+    _, first = np.unique(subjects, return_index=True)
+    for subject in subjects[np.sort(first)]:
+        positions = np.flatnonzero(subjects == subject)
+        yield _assemble(slices, scores, str(subject), positions, with_images, with_reconstruction)
+
+
+def _assemble(
+    slices: SliceFile,
+    scores: ScoresFile,
+    subject: str,
+    positions: np.ndarray,
+    with_images: bool,
+    with_reconstruction: bool,
+) -> SubjectVolume:
+    want_reco = with_reconstruction and scores.has_reconstruction
+    scored = scores.read(positions, reconstruction=want_reco)
+    rows = scored["row"]
+    data = slices.read(rows)
+    amap = scored["anomaly_map"]
+    if amap.shape[1:] != data["brainmask"].shape[1:]:
+        raise InputError(
+            f"{scores.path}: field 'anomaly_map' has slices {amap.shape[1:]}, "
+            f"expected {data['brainmask'].shape[1:]} as in {slices.path}"
+        )
+    index = data["slice_index"].astype(np.int64)
+    if np.unique(index).size != index.size:
+        raise InputError(
+            f"{slices.path}: subject {subject} has a repeated 'slice_index' among the rows "
+            f"scored in {scores.path}"
+        )
+    lo, hi = int(index.min()), int(index.max())
+    depth = hi - lo + 1
+    at = index - lo  # position of each read row in the contiguous volume
+
+    def stack(values: np.ndarray, dtype) -> np.ndarray:
+        out = np.zeros((depth, *values.shape[1:]), dtype=dtype)
+        out[at] = values
+        return out
+
+    full_rows = np.full(depth, -1, dtype=np.int64)
+    full_rows[at] = rows
+    present = np.zeros(depth, dtype=bool)
+    present[at] = True
+    return SubjectVolume(
+        subject=subject,
+        anomaly_map=stack(amap, np.float32),
+        brainmask=stack(data["brainmask"] > 0, bool),
+        seg=stack(data["seg"] > 0, bool),
+        slice_index=np.arange(lo, hi + 1, dtype=np.int64),
+        rows=full_rows,
+        present=present,
+        label=stack(data["label"], np.uint8),
+        image=stack(data["images"], np.float32) if with_images else None,
+        reconstruction=stack(scored["reconstruction"], np.float32) if want_reco else None,
+    )
