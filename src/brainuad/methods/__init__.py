@@ -1,0 +1,27 @@
+"""Anomaly-detection methods, one file per method, registered by name.
+
+Importing this package registers every built-in method::
+
+    from brainuad.methods import build_method
+    method = build_method("ddpm", channels=(32, 64, 64))
+"""
+
+from brainuad.methods import ae, ddpm  # noqa: F401  (registers the built-in methods)
+from brainuad.methods.base import Method, ScoreOutput
+from brainuad.methods.registry import (
+    available_methods,
+    build_method,
+    default_hparams,
+    method_class,
+    register,
+)
+
+__all__ = [
+    "Method",
+    "ScoreOutput",
+    "available_methods",
+    "build_method",
+    "default_hparams",
+    "method_class",
+    "register",
+]

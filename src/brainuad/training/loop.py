@@ -1,0 +1,458 @@
+"""The one training loop shared by every method: step-based, seeded, checkpointed, resumable.
+
+``train(method, train_dataset, val_dataset, run)`` draws random batches from an infinite,
+seeded sampler (epoch ``e`` is the permutation seeded by ``seed + e``), so a run is defined by
+its number of optimiser steps, not epochs. Every ``checkpoint_every`` steps and at the end it
+writes a checkpoint atomically; re-running the same call after a kill resumes from the last
+checkpoint with the step counter, optimiser, RNG states and data order restored, so an
+interrupted run gives the same losses as an uninterrupted one. Re-running a finished run only
+reloads its weights.
+
+The CSV log (``step, train_loss, val_loss, seconds, lr``) gets one row per step; on resume,
+rows after the checkpoint's step (written before the kill) are dropped, so steps are never
+duplicated. ``val_loss`` is the mean training loss over the validation slices, computed with a
+fixed seed every ``validate_every`` steps and at the last step (empty otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+import brainuad
+from brainuad.errors import InputError
+from brainuad.io.atomic import atomic_path, write_text_atomic
+from brainuad.provenance import seed_everything
+from brainuad.training.device import DeviceName, resolve_device
+
+if TYPE_CHECKING:
+    from brainuad.methods.base import Method
+
+CHECKPOINT_FORMAT = "brainuad.training/1"
+LOG_COLUMNS = ("step", "train_loss", "val_loss", "seconds", "lr")
+
+
+@dataclass
+class TrainingRun:
+    """Everything about a training run that is not the method itself.
+
+    Attributes:
+        checkpoint_path: training checkpoint (model, optimiser, step, RNG and data state);
+            resumed from when it exists.
+        log_path: CSV log of losses.
+        max_steps: optimiser steps in total (including steps done before a resume).
+        batch_size: slices per step; None: the method's ``default_batch_size``.
+        learning_rate: None: the method's ``default_learning_rate``.
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        validate_every: steps between validation losses (also computed at the last step).
+        validation_batches: validate on at most this many batches (None: all val slices).
+        seed: seeds Python, NumPy, torch and the data order.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda"``.
+        num_workers: DataLoader worker processes.
+        progress: show a tqdm progress bar.
+        mixed_precision: bf16 autocast (CUDA only; CPU always trains in fp32).
+    """
+
+    checkpoint_path: Path
+    log_path: Path
+    max_steps: int
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    checkpoint_every: int = 500
+    validate_every: int = 500
+    validation_batches: int | None = None
+    seed: int = 0
+    device: DeviceName = "auto"
+    num_workers: int = 0
+    progress: bool = True
+    mixed_precision: bool = True
+
+    def __post_init__(self) -> None:
+        self.checkpoint_path = Path(self.checkpoint_path)
+        self.log_path = Path(self.log_path)
+        positive = {
+            "max_steps": self.max_steps,
+            "checkpoint_every": self.checkpoint_every,
+            "validate_every": self.validate_every,
+        }
+        if self.batch_size is not None:
+            positive["batch_size"] = self.batch_size
+        if self.validation_batches is not None:
+            positive["validation_batches"] = self.validation_batches
+        for field, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"TrainingRun.{field}={value!r}, expected an integer ≥ 1")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise InputError(f"TrainingRun.learning_rate={self.learning_rate!r}, expected > 0")
+        if self.num_workers < 0:
+            raise InputError(f"TrainingRun.num_workers={self.num_workers!r}, expected ≥ 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"TrainingRun.device={self.device!r}, expected auto, cpu or cuda")
+
+
+class InfiniteShuffledBatches(Sampler[list[int]]):
+    """Endless batches of dataset indices; epoch ``e`` is a permutation seeded by ``seed + e``.
+
+    Batches run across epoch boundaries. ``start_sample`` (samples already consumed) makes
+    the stream resume exactly where a previous run stopped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_sample: int = 0) -> None:
+        self.size, self.batch_size = int(size), int(batch_size)
+        self.seed, self.start_sample = int(seed), int(start_sample)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start_sample, self.size)
+        batch: list[int] = []
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+            for index in order[offset:]:
+                batch.append(index)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            epoch, offset = epoch + 1, 0
+
+
+def train(
+    method: Method,
+    train_dataset: Dataset,
+    val_dataset: Dataset | None,
+    run: TrainingRun,
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` for ``run.max_steps`` steps, resuming from ``run.checkpoint_path``.
+
+    Seed the global RNGs (``seed_everything``) before building the method, so that its
+    initial weights are reproducible too; this function seeds everything after that.
+    A checkpoint at or beyond ``run.max_steps`` only reloads the weights (no training); a
+    larger ``max_steps`` than before extends the run. A checkpoint made with another method,
+    other hyperparameters, seed or batch size is refused (InputError).
+
+    Args:
+        method: a built method (weights are trained in place; it is left on the device).
+        train_dataset: items as from ``SliceDataset`` (``image`` ``[C, H, W]``,
+            ``brainmask`` ``[1, H, W]``, ...).
+        val_dataset: healthy validation slices, or None for no validation loss.
+        run: the run settings.
+        on_step: called as ``on_step(step, train_loss)`` after each step (and after its
+            checkpoint); for tests and monitoring.
+
+    Returns:
+        A summary: method, device, start_step, final_step, steps_run, resumed,
+        final_train_loss, final_val_loss, seconds (training wall time over all sessions),
+        batch_size, learning_rate, checkpoint_path, log_path.
+    """
+    if len(train_dataset) == 0:
+        raise InputError(f"training set for method {method.name!r} is empty")
+    device = resolve_device(run.device)
+    batch_size = run.batch_size or method.default_batch_size
+    learning_rate = run.learning_rate or method.default_learning_rate
+    seed_everything(run.seed)
+    method.to(device)
+    optimizer = method.configure_optimizer(learning_rate)
+    use_amp = device.type == "cuda" and run.mixed_precision
+
+    checkpoint = _read_checkpoint(run.checkpoint_path, method, run, batch_size)
+    start_step, elapsed = 0, 0.0
+    last_train_loss: float | None = None
+    last_val_loss: float | None = None
+    if checkpoint is not None:
+        method.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = int(checkpoint["step"])
+        elapsed = float(checkpoint["elapsed_seconds"])
+        last_train_loss = checkpoint["last_train_loss"]
+        last_val_loss = checkpoint["last_val_loss"]
+
+    summary: dict[str, Any] = {
+        "method": method.name,
+        "device": str(device),
+        "start_step": start_step,
+        "resumed": checkpoint is not None,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "checkpoint_path": str(run.checkpoint_path),
+        "log_path": str(run.log_path),
+    }
+    if start_step >= run.max_steps:
+        method.eval()
+        return summary | {
+            "final_step": start_step,
+            "steps_run": 0,
+            "final_train_loss": last_train_loss,
+            "final_val_loss": last_val_loss,
+            "seconds": elapsed,
+        }
+
+    _prepare_log(run.log_path, keep_until=start_step if checkpoint is not None else None)
+    loader = DataLoader(
+        train_dataset,
+        batch_sampler=InfiniteShuffledBatches(
+            len(train_dataset), batch_size, run.seed, start_sample=start_step * batch_size
+        ),
+        num_workers=run.num_workers,
+        pin_memory=device.type == "cuda",
+        # Worker seeds come from this generator, not the global RNG, so creating the
+        # iterator does not shift the random numbers the method draws.
+        generator=torch.Generator().manual_seed(run.seed),
+    )
+    batches = iter(loader)
+    if checkpoint is not None:
+        _set_rng_state(checkpoint["rng"])
+
+    method.train()
+    bar = tqdm(
+        total=run.max_steps,
+        initial=start_step,
+        disable=not run.progress,
+        desc=f"train {method.name}",
+        dynamic_ncols=True,
+    )
+    session_start = time.perf_counter()
+    step = start_step
+    try:
+        with run.log_path.open("a", newline="") as log_file:
+            log = csv.writer(log_file)
+            for step in range(start_step + 1, run.max_steps + 1):
+                batch = _to_device(next(batches), device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = method.training_loss(batch)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(
+                        f"{method.name}: training loss is {loss.item()} at step {step}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                last_train_loss = float(loss.detach())
+
+                val_loss: float | None = None
+                if (
+                    val_dataset is not None
+                    and len(val_dataset) > 0
+                    and (step % run.validate_every == 0 or step == run.max_steps)
+                ):
+                    val_loss = validation_loss(
+                        method,
+                        val_dataset,
+                        batch_size=batch_size,
+                        device=device,
+                        seed=run.seed,
+                        max_batches=run.validation_batches,
+                        mixed_precision=use_amp,
+                        num_workers=run.num_workers,
+                    )
+                    last_val_loss = val_loss
+                seconds = elapsed + time.perf_counter() - session_start
+                log.writerow(
+                    [
+                        step,
+                        repr(last_train_loss),
+                        "" if val_loss is None else repr(val_loss),
+                        f"{seconds:.3f}",
+                        repr(optimizer.param_groups[0]["lr"]),
+                    ]
+                )
+                log_file.flush()
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{last_train_loss:.4f}",
+                    **({} if last_val_loss is None else {"val": f"{last_val_loss:.4f}"}),
+                )
+                if step % run.checkpoint_every == 0 or step == run.max_steps:
+                    _write_checkpoint(
+                        run,
+                        method,
+                        optimizer,
+                        step=step,
+                        batch_size=batch_size,
+                        elapsed=seconds,
+                        last_train_loss=last_train_loss,
+                        last_val_loss=last_val_loss,
+                    )
+                if on_step is not None:
+                    on_step(step, last_train_loss)
+    finally:
+        bar.close()
+    method.eval()
+    return summary | {
+        "final_step": step,
+        "steps_run": step - start_step,
+        "final_train_loss": last_train_loss,
+        "final_val_loss": last_val_loss,
+        "seconds": elapsed + time.perf_counter() - session_start,
+    }
+
+
+@torch.no_grad()
+def validation_loss(
+    method: Method,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    max_batches: int | None = None,
+    mixed_precision: bool = False,
+    num_workers: int = 0,
+) -> float:
+    """Mean training loss over ``dataset`` (in order, eval mode, RNG seeded with ``seed``).
+
+    The global RNG state is restored afterwards, so validating does not change training.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = method.training
+    method.eval()
+    total, count = 0.0, 0
+    cuda_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                batch = _to_device(batch, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+                    loss = method.training_loss(batch)
+                n = int(batch["image"].shape[0])
+                total += float(loss) * n
+                count += n
+    finally:
+        method.train(was_training)
+    return total / max(count, 1)
+
+
+def read_log(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a training log as dicts of strings (columns ``LOG_COLUMNS``)."""
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {
+        key: value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+        for key, value in batch.items()
+    }
+
+
+def _prepare_log(path: Path, keep_until: int | None) -> None:
+    """Start a fresh log (``keep_until`` None) or keep only rows up to step ``keep_until``."""
+    rows: list[list[str]] = []
+    if keep_until is not None and path.exists():
+        rows = [
+            [row[c] or "" for c in LOG_COLUMNS]
+            for row in read_log(path)
+            if row.get("step") and int(row["step"]) <= keep_until
+        ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(LOG_COLUMNS)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _get_rng_state() -> dict[str, Any]:
+    # Stored as tensors and plain Python values so the checkpoint loads with weights_only.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _write_checkpoint(
+    run: TrainingRun,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    batch_size: int,
+    elapsed: float,
+    last_train_loss: float | None,
+    last_val_loss: float | None,
+) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "brainuad_version": brainuad.__version__,
+        "method": method.name,
+        "hparams": method.hparams,
+        "step": step,
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": _get_rng_state(),
+        "data": {
+            "seed": run.seed,
+            "batch_size": batch_size,
+            "samples_consumed": step * batch_size,
+        },
+        "elapsed_seconds": elapsed,
+        "last_train_loss": last_train_loss,
+        "last_val_loss": last_val_loss,
+        "run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
+    }
+    with atomic_path(run.checkpoint_path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _read_checkpoint(
+    path: Path, method: Method, run: TrainingRun, batch_size: int
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it exists, after checking it belongs to this run."""
+    if not path.exists():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a brainuad training checkpoint ({CHECKPOINT_FORMAT})")
+    expected = {
+        "method": method.name,
+        "hparams": method.hparams,
+        "seed": run.seed,
+        "batch_size": batch_size,
+    }
+    found = {
+        "method": payload["method"],
+        "hparams": payload["hparams"],
+        "seed": payload["data"]["seed"],
+        "batch_size": payload["data"]["batch_size"],
+    }
+    for key, value in expected.items():
+        if found[key] != value:
+            raise InputError(
+                f"{path}: checkpoint has {key}={found[key]!r} but this run has {value!r}; "
+                "delete the checkpoint to start over"
+            )
+    return payload

@@ -1,0 +1,92 @@
+"""Scoring a split into a scores file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from brainuad.errors import InputError
+from brainuad.io.scores import ScoresFile
+from brainuad.methods import build_method
+from brainuad.provenance import seed_everything
+from brainuad.scoring import score_split
+from brainuad.slices.hdf5 import SliceFile, SliceWriter
+
+AE_TINY = {"channels": (8, 16), "strides": (2, 2), "num_res_units": 0}
+DDPM_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, False),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory):
+    """12 slices of 2 channels, each slice filled with its own row number / 20."""
+    path = tmp_path_factory.mktemp("data") / "slices.h5"
+    with SliceWriter(path, sequences=["t1", "t2"], height=32, width=32) as writer:
+        for s in range(3):
+            rows = np.arange(4 * s, 4 * s + 4, dtype=np.float32)
+            images = np.ones((4, 2, 32, 32), np.float32) * (rows[:, None, None, None] / 20)
+            mask = np.ones((4, 32, 32), np.uint8)
+            writer.append_subject(f"sub-{s}", images, mask, np.zeros_like(mask), np.arange(4))
+    return path
+
+
+@pytest.mark.parametrize("name, hparams", [("ae", AE_TINY), ("ddpm", DDPM_TINY)])
+def test_scores_aligned_with_rows(slices, tmp_path, name, hparams):
+    seed_everything(0)
+    method = build_method(name, in_channels=2, **hparams)
+    rows = np.array([7, 2, 11, 0, 5])  # any order, kept as given
+    out = tmp_path / "scores.h5"
+    summary = score_split(
+        method,
+        slice_path=slices,
+        rows=rows,
+        out_path=out,
+        batch_size=2,
+        device="cpu",
+        attrs={"fold": 0, "dataset": "toy", "split": "test"},
+        progress=False,
+    )
+    assert summary["rows"] == 5
+    scores = ScoresFile(out)
+    np.testing.assert_array_equal(scores.rows, rows)
+    data = scores.read(reconstruction=True)
+    assert data["anomaly_map"].shape == (5, 32, 32)
+    assert np.isfinite(data["anomaly_map"]).all()
+    assert scores.has_reconstruction
+    assert data["reconstruction"].shape == (5, 2, 32, 32)
+    assert scores.attrs["method"] == name and scores.attrs["split"] == "test"
+    assert "git_commit" in json.loads(scores.attrs["provenance"])
+
+    # Row i of the scores file is the map of slice-file row rows[i]: score it alone.
+    images = SliceFile(slices).read(rows[:2])
+    direct = method.score(
+        torch.from_numpy(images["images"]),
+        torch.from_numpy(images["brainmask"][:, None].astype(np.float32)),
+    )
+    np.testing.assert_array_equal(direct.anomaly_map.numpy(), data["anomaly_map"][:2])
+    if name == "ae":
+        np.testing.assert_array_equal(direct.reconstruction.numpy(), data["reconstruction"][:2])
+
+
+def test_rows_out_of_range(slices, tmp_path):
+    method = build_method("ae", **AE_TINY, in_channels=2)
+    with pytest.raises(InputError, match="rows"):
+        score_split(
+            method,
+            slice_path=slices,
+            rows=[0, 12],
+            out_path=tmp_path / "s.h5",
+            batch_size=4,
+            device="cpu",
+            attrs={},
+            progress=False,
+        )
+    assert not (tmp_path / "s.h5").exists()
