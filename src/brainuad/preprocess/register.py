@@ -1,0 +1,92 @@
+"""Step 5: registration to the template with ANTs, transforms kept in a private temp folder.
+
+``ants.registration`` writes its transforms to files named by ``outprefix`` (a bare
+``mktemp()`` name in the system temp folder when none is given, never removed). Here they go
+to a ``TemporaryDirectory`` that lives exactly as long as the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import ants
+
+# Names accepted by ants.apply_transforms.
+TransformInterpolation = Literal["linear", "bSpline", "nearestNeighbor", "genericLabel"]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Transforms found by one registration; valid only inside :func:`register`'s block."""
+
+    fixed: ants.ANTsImage
+    moving: ants.ANTsImage
+    forward: list[str]
+    inverse: list[str]
+
+    def to_fixed(
+        self,
+        image: ants.ANTsImage,
+        interpolation: TransformInterpolation,
+        reference: ants.ANTsImage | None = None,
+    ) -> ants.ANTsImage:
+        """Bring ``image`` (on the moving image's grid) onto ``reference`` (default: fixed)."""
+        return ants.apply_transforms(
+            fixed=self.fixed if reference is None else reference,
+            moving=image,
+            transformlist=self.forward,
+            interpolator=interpolation,
+        )
+
+    def to_moving(
+        self, image: ants.ANTsImage, interpolation: TransformInterpolation
+    ) -> ants.ANTsImage:
+        """Bring ``image`` (in fixed space) onto the moving image's grid."""
+        return ants.apply_transforms(
+            fixed=self.moving,
+            moving=image,
+            transformlist=self.inverse,
+            # ANTs convention: affine matrices are inverted on the fly, inverse warps are
+            # already written as separate files.
+            whichtoinvert=[path.endswith(".mat") for path in self.inverse],
+            interpolator=interpolation,
+        )
+
+
+@contextlib.contextmanager
+def register(
+    fixed: ants.ANTsImage,
+    moving: ants.ANTsImage,
+    *,
+    type_of_transform: str = "Affine",
+    random_seed: int | None = 0,
+) -> Iterator[Registration]:
+    """Register ``moving`` onto ``fixed``; yield the transforms, then delete their files.
+
+    Args:
+        fixed: target image (the template brain).
+        moving: image to align (the subject's stripped brain).
+        type_of_transform: any ``ants.registration`` type: "Rigid", "Affine", "SyN", ...
+        random_seed: seed of the metric's random sampling, for repeatable transforms.
+    """
+    with tempfile.TemporaryDirectory(prefix="brainuad_ants_") as folder:
+        result = ants.registration(
+            fixed=fixed,
+            moving=moving,
+            type_of_transform=type_of_transform,
+            outprefix=str(Path(folder) / "reg_"),
+            random_seed=random_seed,
+        )
+        forward = result["fwdtransforms"]
+        inverse = result["invtransforms"]
+        yield Registration(
+            fixed=fixed,
+            moving=moving,
+            forward=[forward] if isinstance(forward, str) else list(forward),
+            inverse=[inverse] if isinstance(inverse, str) else list(inverse),
+        )
