@@ -6,10 +6,10 @@ rule template_files:
     output:
         t1="results/template/mni152_t1.nii.gz",
         brainmask="results/template/mni152_brainmask.nii.gz",
-    conda:
-        "../envs/preprocessing.yaml"
     log:
         "logs/template_files.log",
+    conda:
+        "../envs/preprocessing.yaml"
     script:
         "../workflow_scripts/template_files.py"
 
@@ -23,12 +23,12 @@ rule generate_synthetic_subject:
         seg="results/standard/{dataset}/{subject}/seg.nii.gz",
         truth_brainmask="results/standard/{dataset}/{subject}/brainmask_truth.nii.gz",
         metadata="results/standard/{dataset}/{subject}/metadata.json",
-    conda:
-        "../envs/preprocessing.yaml"
     log:
         "logs/generate_synthetic_subject/{dataset}/{subject}.log",
     benchmark:
         "benchmarks/generate_synthetic_subject/{dataset}/{subject}.tsv"
+    conda:
+        "../envs/preprocessing.yaml"
     params:
         lesion=synthetic_lesion,
         sequences=SEQUENCES,

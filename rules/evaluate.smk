@@ -9,13 +9,13 @@ rule score_split:
         splits="results/splits/{dataset}.csv",
     output:
         "results/scores/{method}/fold{fold}/{dataset}_{split}.h5",
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/score_split/{method}/fold{fold}/{dataset}_{split}.log",
     benchmark:
         "benchmarks/score_split/{method}/fold{fold}/{dataset}_{split}.tsv"
-    threads: 2
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
@@ -31,12 +31,12 @@ rule calibrate_threshold:
         unpack(calibration_inputs),
     output:
         "results/calibration/{method}/fold{fold}/threshold.json",
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/calibrate_threshold/{method}/fold{fold}.log",
     benchmark:
         "benchmarks/calibrate_threshold/{method}/fold{fold}.tsv"
+    conda:
+        "../envs/torch.yaml"
     params:
         evaluation=config["evaluation"],
         healthy_dataset=HEALTHY_DATASET,
@@ -52,12 +52,12 @@ rule subject_metrics:
     output:
         table="results/metrics/{method}/fold{fold}/{dataset}.csv",
         summary="results/metrics/{method}/fold{fold}/{dataset}.json",
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/subject_metrics/{method}/fold{fold}/{dataset}.log",
     benchmark:
         "benchmarks/subject_metrics/{method}/fold{fold}/{dataset}.tsv"
+    conda:
+        "../envs/torch.yaml"
     params:
         evaluation=config["evaluation"],
         resolution_mm=config["preprocess"]["resolution_mm"],

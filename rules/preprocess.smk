@@ -18,12 +18,12 @@ rule preprocess_subject:
         seg="results/preprocessed/{dataset}/{subject}/seg.nii.gz",
         qc_png="results/preprocessed/{dataset}/{subject}/qc.png",
         qc_json="results/preprocessed/{dataset}/{subject}/qc.json",
-    conda:
-        "../envs/preprocessing.yaml"
     log:
         "logs/preprocess_subject/{dataset}/{subject}.log",
     benchmark:
         "benchmarks/preprocess_subject/{dataset}/{subject}.tsv"
+    conda:
+        "../envs/preprocessing.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -40,9 +40,9 @@ rule qc_table:
         qc_records,
     output:
         "results/qc/{dataset}.csv",
-    conda:
-        "../envs/preprocessing.yaml"
     log:
         "logs/qc_table/{dataset}.log",
+    conda:
+        "../envs/preprocessing.yaml"
     script:
         "../workflow_scripts/qc_table.py"

@@ -15,15 +15,16 @@ rule aggregate_tables:
         ),
         main_tex="results/tables/main.tex",
         by_metric=directory("results/tables/by_metric"),
-    conda:
-        "../envs/reporting.yaml"
     log:
         "logs/aggregate_tables.log",
+    conda:
+        "../envs/reporting.yaml"
     params:
         evaluation=config["evaluation"],
         methods=METHODS,
         folds=FOLDS,
         datasets=DATASETS,
+        lesion_datasets=LESION_DATASETS,
     script:
         "../workflow_scripts/aggregate_tables.py"
 
@@ -41,23 +42,24 @@ rule plot_figures:
         slices=expand("results/slices/{dataset}.h5", dataset=DATASETS),
     output:
         **figure_outputs(),
-    conda:
-        "../envs/reporting.yaml"
     log:
         "logs/plot_figures.log",
     benchmark:
         "benchmarks/plot_figures.tsv"
+    conda:
+        "../envs/reporting.yaml"
     params:
         evaluation=config["evaluation"],
         methods=METHODS,
         folds=FOLDS,
         datasets=DATASETS,
+        lesion_datasets=LESION_DATASETS,
+        figures=FIGURES,
     script:
         "../workflow_scripts/plot_figures.py"
 
 
 rule tables:
-    default_target: False
     input:
         rules.aggregate_tables.output,
 
@@ -67,7 +69,8 @@ rule figures:
         rules.plot_figures.output,
 
 
-rule report_inputs:
+# Everything the HTML report shows; then: snakemake --report results/report.html
+rule report:
     input:
         rules.aggregate_tables.output,
         rules.plot_figures.output,

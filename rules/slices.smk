@@ -6,12 +6,12 @@ rule extract_slices:
         unpack(slices_inputs),
     output:
         "results/slices/{dataset}.h5",
-    conda:
-        "../envs/preprocessing.yaml"
     log:
         "logs/extract_slices/{dataset}.log",
     benchmark:
         "benchmarks/extract_slices/{dataset}.tsv"
+    conda:
+        "../envs/preprocessing.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -28,10 +28,10 @@ rule extract_slices:
 rule make_splits:
     output:
         "results/splits/{dataset}.csv",
-    conda:
-        "../envs/preprocessing.yaml"
     log:
         "logs/make_splits/{dataset}.log",
+    conda:
+        "../envs/preprocessing.yaml"
     params:
         subjects=subjects_of_wildcard,
         healthy=is_healthy_dataset,

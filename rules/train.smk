@@ -15,13 +15,13 @@ rule train_model:
             labels={"method": "{method}", "fold": "{fold}", "file": "training log"},
         ),
         run_config="results/models/{method}/fold{fold}/config.json",
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/train_model/{method}/fold{fold}.log",
     benchmark:
         "benchmarks/train_model/{method}/fold{fold}.tsv"
-    threads: 2
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
@@ -30,5 +30,6 @@ rule train_model:
         checkpoint_dir="results/checkpoints/{method}/fold{fold}",
         seed=config["seed"],
         device=config.get("device", "auto"),
+        study_config=config,
     script:
         "../workflow_scripts/train_model.py"

@@ -196,3 +196,20 @@ def test_subject_metrics_table(toy, tmp_path):
     other = PostprocessConfig(median_kernel=5)
     with pytest.raises(InputError, match="calibrated with postprocess"):
         subject_metrics_table(slice_path=path, scores_path=test, thresholds=doc, postprocess=other)
+
+
+def test_thresholds_for_dataset_keeps_own_best_dice_only() -> None:
+    from brainuad.evaluation.evaluate import thresholds_for_dataset
+
+    record = {
+        "thresholds": {
+            "healthy_fpr_5": {"threshold": 0.5},
+            "best_dice_val/brats": {"threshold": 0.3},
+            "best_dice_val/wmh": {"threshold": 0.2},
+        }
+    }
+    assert thresholds_for_dataset(record, "brats") == {
+        "healthy_fpr_5": {"threshold": 0.5},
+        "best_dice_val": {"threshold": 0.3},
+    }
+    assert thresholds_for_dataset(record, "ixi") == {"healthy_fpr_5": {"threshold": 0.5}}

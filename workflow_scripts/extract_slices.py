@@ -6,7 +6,7 @@ from brainuad.workflow import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
     params = snakemake.params
-    names = list(params.sequences) + ["brainmask", "seg"]
+    names = [*params.sequences, "brainmask", "seg"]
     dataset = snakemake.wildcards.dataset
     subjects = {
         subject: {name: snakemake.input[f"{subject}__{name}"] for name in names}

@@ -23,5 +23,7 @@ with rule_logging(snakemake.log[0]) as log:
     save_nifti(subject.seg.get_fdata().astype("uint8"), subject.seg.affine, snakemake.output.seg)
     truth = subject.brainmask
     save_nifti(truth.get_fdata().astype("uint8"), truth.affine, snakemake.output.truth_brainmask)
-    write_text_atomic(snakemake.output.metadata, json.dumps(subject.metadata, indent=2, default=str))
+    write_text_atomic(
+        snakemake.output.metadata, json.dumps(subject.metadata, indent=2, default=str)
+    )
     log.info("generated %s/%s with seed %d", wildcards.dataset, wildcards.subject, seed)

@@ -1,6 +1,7 @@
 """Collect the per-subject QC records of one dataset into a table."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -8,7 +9,7 @@ from brainuad.io.atomic import atomic_path
 from brainuad.workflow import rule_logging
 
 with rule_logging(snakemake.log[0]):
-    records = [json.loads(open(path).read()) for path in snakemake.input]
+    records = [json.loads(Path(path).read_text()) for path in snakemake.input]
     table = pd.json_normalize(records)
     with atomic_path(snakemake.output[0]) as tmp:
         table.to_csv(tmp, index=False)

@@ -110,3 +110,38 @@ def score_split(
         "seconds": time.perf_counter() - start,
         "has_reconstruction": method.has_reconstruction,
     }
+
+
+def score_dataset_split(
+    *,
+    model_path: str | os.PathLike,
+    slice_path: str | os.PathLike,
+    splits_path: str | os.PathLike,
+    fold: int,
+    split: str,
+    out_path: str | os.PathLike,
+    batch_size: int,
+    device: str = "auto",
+    attrs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score every slice of the subjects in ``split`` of fold ``fold`` (what ``score_split``
+    runs): rows in slice-file order, written to ``out_path``."""
+    from brainuad.methods import Method
+    from brainuad.slices.splits import read_splits, subjects_in
+
+    subjects = subjects_in(read_splits(splits_path), fold=fold, split=split)
+    if not subjects:
+        raise InputError(f"{splits_path}: fold {fold} has no subject in split {split!r}")
+    rows = SliceFile(slice_path).rows_for_subjects(subjects)
+    method = Method.load(model_path)
+    record = {"fold": fold, "split": split, "subjects": subjects, "model": str(model_path)}
+    record.update(attrs or {})
+    return score_split(
+        method,
+        slice_path=slice_path,
+        rows=rows,
+        out_path=out_path,
+        batch_size=batch_size,
+        device=device,
+        attrs=record,
+    )

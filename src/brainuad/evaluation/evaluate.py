@@ -230,3 +230,21 @@ def subject_metrics_table(
     slice_level["image_score"] = image_score
     slice_level["scores"] = str(Path(scores_path))
     return table, slice_level
+
+
+def thresholds_for_dataset(record: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """The thresholds that apply to ``dataset``'s test split, keyed by protocol.
+
+    Healthy-FPR thresholds apply to every dataset. A ``best_dice_val/<name>`` threshold
+    applies only to the dataset it was chosen on and is returned as ``best_dice_val``, so
+    every dataset's table has the same column names.
+    """
+    entries = record.get("thresholds", record)
+    selected: dict[str, Any] = {}
+    for name, entry in entries.items():
+        protocol, _, chosen_on = name.partition("/")
+        if not chosen_on:
+            selected[name] = entry
+        elif chosen_on == dataset:
+            selected[protocol] = entry
+    return selected

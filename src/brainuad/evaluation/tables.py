@@ -86,6 +86,17 @@ _KNOWN_METRICS: dict[str, MetricInfo] = {
     "lesion_tpr": MetricInfo("Lesion TPR", True, None, False),
     "lesion_tp": MetricInfo("Detected lesions", True, None, False, is_fraction=False),
     "lesion_fp": MetricInfo("False-positive lesions", False, None, False, is_fraction=False),
+    "lesion_fn": MetricInfo("Missed lesions", False, None, False, is_fraction=False),
+    "lesion_precision": MetricInfo("Lesion precision", True, None, False),
+    "lesion_recall": MetricInfo("Lesion recall", True, None, False),
+    "lesion_f1": MetricInfo("Lesion F1", True, None, False),
+    "recon_l1": MetricInfo("Reconstruction L1", False, None, False, False, None, 4),
+    "recon_l1_brain": MetricInfo("Reconstruction L1 (brain)", False, None, False, False, None, 4),
+    "recon_ssim": MetricInfo("Reconstruction SSIM", True, None, False),
+    "mse_healthy_region": MetricInfo("MSE, healthy region", False, None, False, False, None, 4),
+    "mse_anomaly_region": MetricInfo("MSE, anomaly", True, None, False, False, None, 4),
+    "ssim_healthy_region": MetricInfo("SSIM, healthy region", True, None, False),
+    "ssim_anomaly_region": MetricInfo("SSIM, anomaly", False, None, False),
     "pred_volume_ml": MetricInfo("Predicted volume", None, None, False, False, "ml", 2),
     "true_volume_ml": MetricInfo("Lesion volume", None, None, False, False, "ml", 2),
 }
@@ -564,13 +575,15 @@ def write_tables(
     method_names: Mapping[str, str] | None = None,
     dataset_names: Mapping[str, str] | None = None,
     main_out_dir: str | os.PathLike | None = None,
+    main_datasets: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write every table of ``summary`` (from :func:`summarise_over_folds`) under ``out_dir``.
 
     Files: ``{table_stem(metric)}.{csv,md,tex}`` per metric in ``out_dir``, and
     ``main.{csv,md,tex}`` in ``main_out_dir`` (default ``out_dir``) unless ``main_metrics``
-    is ``None``. Cells read "mean ± std" (percent for fractions), the
-    best value per dataset column in bold. The CSVs are long and numeric, in the metric's own
+    is ``None``; ``main_datasets`` restricts the main table (e.g. to the lesion cohorts).
+    Cells read "mean ± std" (percent for fractions), the best value per dataset column in
+    bold. The CSVs are long and numeric, in the metric's own
     units (fractions stay fractions): ``method, dataset, metric, mean, std, n_folds,
     n_subjects``. Every file is written atomically.
 
@@ -599,7 +612,10 @@ def write_tables(
             rendered[out_dir / f"{table_stem(metric)}.{suffix}"] = text
     if main_metrics is not None:
         main_dir = out_dir if main_out_dir is None else Path(main_out_dir)
-        texts = render_main_table(summary, metric_info, main_metrics=main_metrics, **naming)
+        main_summary = summary
+        if main_datasets is not None:
+            main_summary = summary[summary["dataset"].isin(list(main_datasets))]
+        texts = render_main_table(main_summary, metric_info, main_metrics=main_metrics, **naming)
         for suffix, text in texts.items():
             path = main_dir / f"main.{suffix}"
             if path in rendered:

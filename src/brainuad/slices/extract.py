@@ -245,3 +245,16 @@ def build_slice_file(
         "n_lesion_slices": sum(s["n_lesion_slices"] for s in per_subject.values()),
         "per_subject": per_subject,
     }
+
+
+def slice_voxel_spacing(
+    *, resolution_mm: float, volume_shape: Sequence[int], size: int
+) -> tuple[float, float, float]:
+    """Voxel size ``(slice, row, column)`` in mm of slices extracted by this module.
+
+    The in-plane ``volume_shape[:2]`` is padded to its larger side, then resized to
+    ``size``, so one pixel spans ``resolution_mm * max(shape[:2]) / size`` mm; slices keep
+    the volume's ``resolution_mm`` spacing.
+    """
+    pixel = resolution_mm * max(volume_shape[0], volume_shape[1]) / size
+    return (float(resolution_mm), float(pixel), float(pixel))

@@ -1,0 +1,195 @@
+"""The real workflow on the tiny config: dry runs, one real end-to-end run, and targets.
+
+The end-to-end run builds everything from nothing (synthetic generation, ANTs, deepbet,
+training, scoring, calibration, metrics, tables, figures) in a temporary working
+directory, once per session; the tests after it inspect what it made and what a second
+invocation would do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "config" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(ROOT / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(TINY),
+        *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts per rule from a dry run's 'Job stats' table."""
+    counts: dict[str, int] = {}
+    lines = (result.stdout + result.stderr).splitlines()
+    if "Job stats:" not in lines:
+        return counts
+    for line in lines[lines.index("Job stats:") + 3 :]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    counts.pop("total", None)
+    return counts
+
+
+def test_default_config_dry_run_spans_generation_to_slices(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"),
+         "--directory", str(tmp_path), "--configfile", str(ROOT / "config" / "config.yaml")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    jobs = planned_jobs(result)
+    for rule in ("generate_synthetic_subject", "preprocess_subject", "extract_slices",
+                 "make_splits", "train_model", "score_split", "subject_metrics"):  # fmt: skip
+        assert jobs.get(rule, 0) > 0, (rule, jobs)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny_study")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_study_builds_data_contracts(tiny_study: Path) -> None:
+    config = json.loads(json.dumps(__import__("yaml").safe_load(TINY.read_text())))
+    size = config["slices"]["size"]
+    for dataset in config["datasets"]:
+        with h5py.File(tiny_study / "results" / "slices" / f"{dataset}.h5") as f:
+            assert f["images"].shape[1:] == (len(config["slices"]["sequences"]), size, size)
+            assert f["images"].chunks == (1, *f["images"].shape[1:])
+            assert f["images"].compression == "lzf"
+        splits = pd.read_csv(tiny_study / "results" / "splits" / f"{dataset}.csv")
+        assert set(splits.columns) == {"subject", "split", "fold"}
+        assert not splits.groupby(["fold", "subject"]).size().gt(1).any()
+    qc = pd.read_csv(tiny_study / "results" / "qc" / "synth_ixi.csv")
+    assert (qc["brainmask_dice"] > 0.8).all(), qc
+
+
+@pytest.mark.slow
+def test_tiny_study_calibrates_on_validation_only(tiny_study: Path) -> None:
+    record = json.loads(
+        (tiny_study / "results" / "calibration" / "ae" / "fold0" / "threshold.json").read_text()
+    )
+    for protocol in record["thresholds"].values():
+        assert protocol["chosen_on"]["split"] == "val"
+        assert protocol["chosen_on"]["uses_test_data"] is False
+
+
+@pytest.mark.slow
+def test_tiny_study_tables_and_figures(tiny_study: Path) -> None:
+    main = (tiny_study / "results" / "tables" / "main.md").read_text()
+    assert "ae" in main and "ddpm" in main
+    for name in ("dice_boxplot", "pr_curves", "qualitative", "training_curves"):
+        assert (tiny_study / "results" / "figures" / f"{name}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing(tiny_study: Path) -> None:
+    result = snakemake(tiny_study, "-n")
+    assert planned_jobs(result) == {}, result.stdout
+
+
+@pytest.mark.slow
+def test_deleted_fold_model_retrains_only_that_fold(tiny_study: Path) -> None:
+    model_dir = tiny_study / "results" / "models" / "ae" / "fold1"
+    backup = tiny_study / "model_backup"
+    shutil.copytree(model_dir, backup)
+    try:
+        (model_dir / "model.pt").unlink()
+        result = snakemake(tiny_study, "-n", "results/metrics/ae/fold1/synth_brats.csv")
+        jobs = planned_jobs(result)
+        assert jobs.get("train_model") == 1, jobs
+        assert "results/models/ae/fold1/model.pt" in result.stdout
+        assert "fold0" not in result.stdout
+        assert set(jobs) <= {"train_model", "score_split", "calibrate_threshold",
+                             "subject_metrics"}  # fmt: skip
+    finally:
+        shutil.rmtree(model_dir)
+        shutil.copytree(backup, model_dir)
+        shutil.rmtree(backup)  # copytree kept the model's mtime: downstream stays newer
+
+
+@pytest.mark.slow
+def test_figures_target_rebuilds_without_training_or_scoring(tiny_study: Path) -> None:
+    shutil.rmtree(tiny_study / "results" / "figures")
+    jobs = planned_jobs(snakemake(tiny_study, "-n", "figures"))
+    assert jobs == {"plot_figures": 1, "figures": 1}, jobs
+    snakemake(tiny_study, "--cores", "1", "figures")
+    assert (tiny_study / "results" / "figures" / "qualitative.png").exists()
+
+
+@pytest.mark.slow
+def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
+    """SIGKILL a running train_model job (as a pre-empted cluster job would be), re-run the
+    same target: the step counter continues from the last checkpoint."""
+    import os
+    import signal
+    import time
+
+    target = "results/models/ae/fold0/model.pt"
+    checkpoint_dir = tiny_study / "results" / "checkpoints" / "ae" / "fold0"
+    shutil.rmtree(checkpoint_dir)
+
+    def run_command(max_steps: int) -> list[str]:
+        override = tiny_study / f"resume_{max_steps}.yaml"
+        override.write_text(
+            f"methods: {{ae: {{training: {{max_steps: {max_steps}, checkpoint_every: 25}}}}}}\n"
+        )
+        return [
+            sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+            "--directory", str(tiny_study), "--configfile", str(TINY), str(override),
+            "--cores", "1", "--rerun-incomplete", "--forcerun", "train_model", "--", target,
+        ]  # fmt: skip
+
+    command = run_command(100000)
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # fmt: skip
+    log = checkpoint_dir / "train_log.csv"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) > 60:
+                break
+            assert job.poll() is None, "training finished or failed before it could be killed"
+            time.sleep(0.5)
+        else:
+            raise AssertionError("training did not reach step 60 in time")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    killed_at = len(log.read_text().splitlines()) - 1
+    assert killed_at >= 60
+
+    resumed_to = 80 if killed_at < 75 else killed_at + 20
+    result = subprocess.run(run_command(resumed_to), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    steps = pd.read_csv(log)["step"].tolist()
+    assert steps == list(range(1, resumed_to + 1)), "steps repeated or skipped on resume"
+    summary = json.loads((tiny_study / "results" / "models" / "ae" / "fold0" / "config.json")
+                         .read_text())["summary"]  # fmt: skip
+    assert summary["resumed"] is True
+    assert summary["start_step"] == (killed_at // 25) * 25
+    assert summary["final_step"] == resumed_to

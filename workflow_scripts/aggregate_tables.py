@@ -1,0 +1,21 @@
+"""Aggregate per-subject metrics into the paper tables (CSV, Markdown, LaTeX)."""
+
+import os
+from itertools import product
+
+from brainuad.evaluation.aggregate import build_tables
+from brainuad.workflow import rule_logging
+
+with rule_logging(snakemake.log[0]) as log:
+    params = snakemake.params
+    keys = list(product(params.methods, params.folds, params.datasets))
+    summary, paths = build_tables(
+        metric_paths=dict(zip(keys, snakemake.input.metrics, strict=True)),
+        by_metric_dir=snakemake.output.by_metric,
+        main_dir=os.path.dirname(snakemake.output.main_md),
+        default_protocol=params.evaluation.get("default_protocol", "healthy_fpr_5"),
+        method_order=params.methods,
+        dataset_order=params.datasets,
+        lesion_datasets=params.lesion_datasets,
+    )
+    log.info("wrote %d tables", len(paths))

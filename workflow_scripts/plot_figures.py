@@ -1,0 +1,27 @@
+"""Draw the study's figures from existing metrics, scores and training logs."""
+
+from itertools import product
+
+from brainuad.evaluation.aggregate import build_figures
+from brainuad.evaluation.postprocess import PostprocessConfig
+from brainuad.workflow import rule_logging
+
+with rule_logging(snakemake.log[0]):
+    params = snakemake.params
+    inputs, output = snakemake.input, snakemake.output
+    evaluation = params.evaluation
+    by_run = list(product(params.methods, params.folds))
+    by_dataset = list(product(params.methods, params.folds, params.datasets))
+    build_figures(
+        metric_paths=dict(zip(by_dataset, inputs.metrics, strict=True)),
+        train_logs=dict(zip(by_run, inputs.train_logs, strict=True)),
+        test_scores=dict(zip(by_dataset, inputs.scores, strict=True)),
+        slices=dict(zip(params.datasets, inputs.slices, strict=True)),
+        thresholds=dict(zip(by_run, inputs.thresholds, strict=True)),
+        outputs={name: (output[f"{name}_png"], output[f"{name}_pdf"]) for name in params.figures},
+        lesion_datasets=params.lesion_datasets,
+        methods=params.methods,
+        default_protocol=evaluation.get("default_protocol", "healthy_fpr_5"),
+        postprocess=PostprocessConfig.from_dict(evaluation.get("postprocess", {})),
+        examples_per_dataset=evaluation.get("qualitative_examples_per_dataset", 2),
+    )

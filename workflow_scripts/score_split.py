@@ -1,0 +1,19 @@
+"""Anomaly maps of one method and fold for one dataset's val or test split."""
+
+from brainuad.scoring import score_dataset_split
+from brainuad.workflow import rule_logging
+
+with rule_logging(snakemake.log[0], threads=snakemake.threads) as log:
+    wildcards = snakemake.wildcards
+    summary = score_dataset_split(
+        model_path=snakemake.input.model,
+        slice_path=snakemake.input.slices,
+        splits_path=snakemake.input.splits,
+        fold=int(wildcards.fold),
+        split=wildcards.split,
+        out_path=snakemake.output[0],
+        batch_size=snakemake.params.batch_size,
+        device=snakemake.params.device,
+        attrs={"method": wildcards.method, "dataset": wildcards.dataset},
+    )
+    log.info("scoring summary: %s", summary)
