@@ -92,6 +92,23 @@ def method_config(wildcards):
     return config["methods"][wildcards.method]
 
 
+def postprocess_config(wildcards):
+    """evaluation.postprocess, overridden key by key by methods.<method>.postprocess."""
+    merged = dict(config["evaluation"].get("postprocess", {}))
+    merged.update(config["methods"][wildcards.method].get("postprocess", {}))
+    return merged
+
+
+def postprocess_by_method():
+    return {
+        method: {
+            **config["evaluation"].get("postprocess", {}),
+            **config["methods"][method].get("postprocess", {}),
+        }
+        for method in METHODS
+    }
+
+
 def score_batch_size(wildcards):
     return config["methods"][wildcards.method].get("score_batch_size", 32)
 
@@ -118,6 +135,10 @@ def metrics_files(method=None, fold=None, dataset=None):
         fold=FOLDS if fold is None else [fold],
         dataset=DATASETS if dataset is None else [dataset],
     )
+
+
+def metrics_summaries():
+    return [path.removesuffix(".csv") + ".json" for path in metrics_files()]
 
 
 def test_scores_files():

@@ -39,6 +39,7 @@ rule calibrate_threshold:
         "../envs/torch.yaml"
     params:
         evaluation=config["evaluation"],
+        postprocess=postprocess_config,
         healthy_dataset=HEALTHY_DATASET,
     script:
         "../workflow_scripts/calibrate_threshold.py"
@@ -49,6 +50,8 @@ rule subject_metrics:
         scores="results/scores/{method}/fold{fold}/{dataset}_test.h5",
         slices="results/slices/{dataset}.h5",
         thresholds="results/calibration/{method}/fold{fold}/threshold.json",
+        healthy_slices=f"results/slices/{HEALTHY_DATASET}.h5",
+        healthy_splits=f"results/splits/{HEALTHY_DATASET}.csv",
     output:
         table="results/metrics/{method}/fold{fold}/{dataset}.csv",
         summary="results/metrics/{method}/fold{fold}/{dataset}.json",
@@ -60,6 +63,7 @@ rule subject_metrics:
         "../envs/torch.yaml"
     params:
         evaluation=config["evaluation"],
+        postprocess=postprocess_config,
         resolution_mm=config["preprocess"]["resolution_mm"],
         slice_size=config["slices"]["size"],
         crop_shape=config["preprocess"]["crop_shape"],

@@ -5,6 +5,7 @@
 rule aggregate_tables:
     input:
         metrics=metrics_files(),
+        summaries=metrics_summaries(),
     output:
         main_csv="results/tables/main.csv",
         main_md=report(
@@ -50,6 +51,7 @@ rule plot_figures:
         "../envs/reporting.yaml"
     params:
         evaluation=config["evaluation"],
+        postprocess=postprocess_by_method(),
         methods=METHODS,
         folds=FOLDS,
         datasets=DATASETS,

@@ -17,5 +17,6 @@ with rule_logging(snakemake.log[0]) as log:
         method_order=params.methods,
         dataset_order=params.datasets,
         lesion_datasets=params.lesion_datasets,
+        summary_paths=dict(zip(keys, snakemake.input.summaries, strict=True)),
     )
     log.info("wrote %d tables", len(paths))

@@ -18,7 +18,7 @@ with rule_logging(snakemake.log[0]) as log:
     record = calibrate_from_scores(
         healthy_val=[(inputs.healthy_val_slices, inputs.healthy_val_scores)],
         lesion_val=lesion_val,
-        postprocess=PostprocessConfig.from_dict(evaluation.get("postprocess", {})),
+        postprocess=PostprocessConfig.from_dict(snakemake.params.postprocess),
         fprs=evaluation.get("healthy_fprs", [0.05, 0.01]),
     )
     write_text_atomic(snakemake.output[0], json.dumps(record, indent=2, default=str))

@@ -22,6 +22,9 @@ with rule_logging(snakemake.log[0]):
         lesion_datasets=params.lesion_datasets,
         methods=params.methods,
         default_protocol=evaluation.get("default_protocol", "healthy_fpr_5"),
-        postprocess=PostprocessConfig.from_dict(evaluation.get("postprocess", {})),
+        postprocess={
+            method: PostprocessConfig.from_dict(options)
+            for method, options in params.postprocess.items()
+        },
         examples_per_dataset=evaluation.get("qualitative_examples_per_dataset", 2),
     )

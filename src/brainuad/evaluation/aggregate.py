@@ -65,6 +65,7 @@ def build_tables(
     method_order: Sequence[str],
     dataset_order: Sequence[str],
     lesion_datasets: Sequence[str],
+    summary_paths: Mapping[Key3, PathLike] | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Mean ± std over folds of every known metric; one table per metric and a main table.
 
@@ -95,6 +96,17 @@ def build_tables(
         main_out_dir=main_dir,
         main_datasets=lesion_datasets,
     )
+    if summary_paths:
+        slice_summary = summarise_over_folds(slice_level_fold_values(summary_paths))
+        paths += write_tables(
+            slice_summary,
+            by_metric_dir,
+            list(SLICE_METRICS),
+            {metric: infer_metric_info(metric) for metric in SLICE_METRICS},
+            main_metrics=None,
+            method_order=method_order,
+            dataset_order=lesion_datasets,
+        )
     main_md = Path(main_dir) / "main.md"
     lines = [
         f"{dataset} {100 * prevalence[dataset]:.2f} %"
@@ -110,6 +122,30 @@ def build_tables(
     with atomic_path(prevalence_csv) as tmp:
         pd.Series(prevalence, name="lesion_prevalence").rename_axis("dataset").to_csv(tmp)
     return summary, [*paths, prevalence_csv]
+
+
+SLICE_METRICS = ("slice_auroc", "slice_auprc")
+
+
+def slice_level_fold_values(summary_paths: Mapping[Key3, PathLike]) -> pd.DataFrame:
+    """Slice-level detection metrics (from the metrics JSON summaries) as per-fold values,
+    in :func:`brainuad.evaluation.tables.fold_means`'s format."""
+    rows = []
+    for (method, fold, dataset), path in summary_paths.items():
+        slice_level = json.loads(Path(path).read_text())["slice_level"]
+        for metric in SLICE_METRICS:
+            value = slice_level.get(metric)
+            rows.append(
+                {
+                    "method": method,
+                    "dataset": dataset,
+                    "fold": int(fold),
+                    "metric": metric,
+                    "mean": float("nan") if value is None else float(value),
+                    "n": int(slice_level.get("n_slices", 0)),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def lesion_prevalence(long: pd.DataFrame) -> dict[str, float]:
@@ -160,7 +196,7 @@ def qualitative_examples(
     scores_paths: Mapping[str, PathLike],
     threshold_paths: Mapping[str, PathLike],
     protocol: str,
-    postprocess: PostprocessConfig,
+    postprocess: Mapping[str, PostprocessConfig],
     n_examples: int,
 ) -> list[dict[str, Any]]:
     """Fixed example slices of ``dataset``: the test slices with the largest lesion area
@@ -185,8 +221,9 @@ def qualitative_examples(
             positions = [p for s, p in wanted if s == volume.subject]
             if not positions:
                 continue
-            processed = postprocess_map(volume.anomaly_map, volume.brainmask, postprocess)
-            binary = binarise(processed, threshold, postprocess)
+            cfg = postprocess[method]
+            processed = postprocess_map(volume.anomaly_map, volume.brainmask, cfg)
+            binary = binarise(processed, threshold, cfg)
             for position in sorted(positions):
                 reconstruction = volume.reconstruction
                 examples.append(
@@ -216,7 +253,7 @@ def build_figures(
     lesion_datasets: Sequence[str],
     methods: Sequence[str],
     default_protocol: str,
-    postprocess: PostprocessConfig,
+    postprocess: Mapping[str, PostprocessConfig],
     examples_per_dataset: int = 2,
     figure_fold: int = 0,
 ) -> None:
@@ -239,7 +276,7 @@ def build_figures(
     for dataset in lesion_datasets:
         for method in methods:
             curve = pooled_pr_curve(
-                slices[dataset], test_scores[(method, figure_fold, dataset)], postprocess
+                slices[dataset], test_scores[(method, figure_fold, dataset)], postprocess[method]
             )
             if curve is not None:
                 curves[(method, dataset)] = curve

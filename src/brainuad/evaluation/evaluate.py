@@ -248,3 +248,61 @@ def thresholds_for_dataset(record: Mapping[str, Any], dataset: str) -> dict[str,
         elif chosen_on == dataset:
             selected[protocol] = entry
     return selected
+
+
+def feature_metrics(
+    *,
+    slice_path: str | os.PathLike,
+    scores_path: str | os.PathLike,
+    reference_slice_path: str | os.PathLike,
+    reference_rows: np.ndarray,
+    lpips_weights: str | os.PathLike | None,
+    inception_weights: str | os.PathLike | None,
+    max_slices: int = 512,
+) -> dict[str, Any]:
+    """GenAI_UAD's feature-based measures, computed only when their weights are given.
+
+    - ``lpips``: input vs reconstruction on the healthy slices of this split;
+    - ``fid``: reconstructions of this split vs healthy training slices
+      (``reference_rows`` of ``reference_slice_path``).
+
+    Each entry is ``{"value": float, "skipped": None}`` or ``{"value": NaN, "skipped":
+    reason}``; nothing is ever downloaded (see :func:`brainuad.evaluation.metrics.fid`).
+    At most ``max_slices`` evenly spaced slices of each set are used.
+    """
+    from brainuad.evaluation.metrics import fid, lpips
+
+    scores = ScoresFile(scores_path)
+    if not scores.has_reconstruction:
+        reason = "the method produces no reconstruction"
+        return {name: {"value": float("nan"), "skipped": reason} for name in ("lpips", "fid")}
+    result = {
+        "lpips": lpips(np.empty(0), np.empty(0), weights_path=None),
+        "fid": fid(np.empty(0), np.empty(0), weights_path=None),
+    }
+    if lpips_weights is None and inception_weights is None:
+        return result
+
+    def spaced(n: int) -> np.ndarray:
+        return np.unique(np.linspace(0, n - 1, min(n, max_slices)).astype(np.int64))
+
+    slices = SliceFile(slice_path)
+    positions = spaced(scores.rows.size)
+    read = scores.read(positions, reconstruction=True)
+    inputs = slices.read(read["row"])
+    if lpips_weights is not None:
+        healthy = inputs["label"] == 0
+        result["lpips"] = lpips(
+            inputs["images"][healthy],
+            read["reconstruction"][healthy],
+            weights_path=lpips_weights,
+        )
+    if inception_weights is not None:
+        reference = SliceFile(reference_slice_path)
+        rows = np.asarray(reference_rows)[spaced(len(reference_rows))]
+        result["fid"] = fid(
+            read["reconstruction"],
+            reference.read(rows)["images"],
+            weights_path=inception_weights,
+        )
+    return result

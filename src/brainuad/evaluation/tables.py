@@ -86,6 +86,8 @@ _KNOWN_METRICS: dict[str, MetricInfo] = {
     "lesion_tpr": MetricInfo("Lesion TPR", True, None, False),
     "lesion_tp": MetricInfo("Detected lesions", True, None, False, is_fraction=False),
     "lesion_fp": MetricInfo("False-positive lesions", False, None, False, is_fraction=False),
+    "slice_auroc": MetricInfo("Slice AUROC", True, None, False),
+    "slice_auprc": MetricInfo("Slice AUPRC", True, None, False),
     "lesion_fn": MetricInfo("Missed lesions", False, None, False, is_fraction=False),
     "lesion_precision": MetricInfo("Lesion precision", True, None, False),
     "lesion_recall": MetricInfo("Lesion recall", True, None, False),
