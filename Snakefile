@@ -1,9 +1,20 @@
 # brainuad: the whole study, from raw (or synthetic) scans to tables, figures and report.
 # Logic lives in src/brainuad; rules are thin and call workflow_scripts/.
 
+import os
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# Make the package importable by the rules and by every job, including jobs in the conda
+# environments of envs/ and jobs on cluster nodes, without relying on an installed copy.
+SOURCE_DIR = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SOURCE_DIR)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SOURCE_DIR, os.getenv("PYTHONPATH")]))
+)
 
 
 # The default study, unless the command line gives config files (e.g. config/tiny.yaml),
