@@ -85,7 +85,8 @@ def test_tiny_study_builds_data_contracts(tiny_study: Path) -> None:
         assert set(splits.columns) == {"subject", "split", "fold"}
         assert not splits.groupby(["fold", "subject"]).size().gt(1).any()
     qc = pd.read_csv(tiny_study / "results" / "qc" / "synth_ixi.csv")
-    assert (qc["brainmask_dice"] > 0.8).all(), qc
+    assert (qc["brainmask_dice_vs_truth"] > 0.9).all(), qc
+    assert (qc["registered_brainmask_dice_vs_template"] > 0.9).all(), qc
 
 
 @pytest.mark.slow

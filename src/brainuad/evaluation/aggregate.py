@@ -98,6 +98,8 @@ def build_tables(
     )
     if summary_paths:
         slice_summary = summarise_over_folds(slice_level_fold_values(summary_paths))
+        # Slice detection needs lesion slices: the healthy cohort has no positive class.
+        slice_summary = slice_summary[slice_summary["dataset"].isin(list(lesion_datasets))]
         paths += write_tables(
             slice_summary,
             by_metric_dir,
@@ -231,9 +233,10 @@ def qualitative_examples(
                         "dataset": dataset,
                         "method": method,
                         "input": volume.image[position, 0],
+                        # shown inside the brain, where methods are trained and scored
                         "reconstruction": None
                         if reconstruction is None
-                        else reconstruction[position, 0],
+                        else reconstruction[position, 0] * volume.brainmask[position],
                         "anomaly_map": processed[position],
                         "thresholded": binary[position].astype(np.float32),
                         "ground_truth": volume.seg[position].astype(np.float32),
