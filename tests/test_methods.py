@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_hparams import TINY_HPARAMS
 
 from brainuad.errors import InputError
 from brainuad.methods import (
@@ -22,16 +23,6 @@ from brainuad.training.loop import TrainingRun
 
 # Tiny hyperparameters per method: every registered method must appear here, so a new
 # method cannot slip past the contract test.
-TINY_HPARAMS: dict[str, dict] = {
-    "ae": {"channels": (8, 16), "strides": (2, 2), "num_res_units": 0},
-    "ddpm": {
-        "channels": (16, 32),
-        "attention_levels": (False, False),
-        "num_res_blocks": 1,
-        "num_head_channels": 8,
-        "norm_num_groups": 8,
-    },
-}
 
 
 def write_slices(path, n_subjects: int = 2, per_subject: int = 8, size: int = 32) -> None:

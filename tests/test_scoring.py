@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_hparams import AE_TINY, DDPM_TINY
 
 from brainuad.errors import InputError
 from brainuad.io.scores import ScoresFile
@@ -14,15 +15,6 @@ from brainuad.methods import build_method
 from brainuad.provenance import seed_everything
 from brainuad.scoring import score_split
 from brainuad.slices.hdf5 import SliceFile, SliceWriter
-
-AE_TINY = {"channels": (8, 16), "strides": (2, 2), "num_res_units": 0}
-DDPM_TINY = {
-    "channels": (8, 16),
-    "attention_levels": (False, False),
-    "num_res_blocks": 1,
-    "num_head_channels": 8,
-    "norm_num_groups": 8,
-}
 
 
 @pytest.fixture(scope="module")

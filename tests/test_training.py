@@ -5,21 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_hparams import AE_TINY, DDPM_TINY
 
 from brainuad.errors import InputError
 from brainuad.methods import build_method
 from brainuad.provenance import seed_everything
 from brainuad.slices.hdf5 import SliceDataset, SliceWriter
 from brainuad.training.loop import InfiniteShuffledBatches, TrainingRun, read_log, train
-
-AE_TINY = {"channels": (8, 16), "strides": (2, 2), "num_res_units": 0}
-DDPM_TINY = {
-    "channels": (8, 16),
-    "attention_levels": (False, False),
-    "num_res_blocks": 1,
-    "num_head_channels": 8,
-    "norm_num_groups": 8,
-}
 
 
 @pytest.fixture(scope="module")

@@ -39,11 +39,13 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
-    """Job counts per rule from a dry run's 'Job stats' table."""
-    counts: dict[str, int] = {}
-    lines = (result.stdout + result.stderr).splitlines()
+    """Job counts per rule from a dry run's 'Job stats' table ({} for nothing to do)."""
+    output = result.stdout + result.stderr
+    lines = [line.strip() for line in output.splitlines()]
     if "Job stats:" not in lines:
-        return counts
+        assert "Nothing to be done" in output, f"no job table in dry run:\n{output}"
+        return {}
+    counts: dict[str, int] = {}
     for line in lines[lines.index("Job stats:") + 3 :]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
@@ -113,24 +115,48 @@ def test_second_run_does_nothing(tiny_study: Path) -> None:
     assert planned_jobs(result) == {}, result.stdout
 
 
+FOLD1_AE = ("models", "scores", "calibration", "metrics")
+
+
 @pytest.mark.slow
-def test_deleted_fold_model_retrains_only_that_fold(tiny_study: Path) -> None:
-    model_dir = tiny_study / "results" / "models" / "ae" / "fold1"
-    backup = tiny_study / "model_backup"
-    shutil.copytree(model_dir, backup)
+def test_deleted_fold_retrains_only_that_fold(tiny_study: Path) -> None:
+    """Delete one fold's model and what was made from it; asking for that fold's metrics
+    retrains that fold alone (other folds and methods are untouched)."""
+    results = tiny_study / "results"
+    backup = tiny_study / "fold_backup"
+    for stage in FOLD1_AE:
+        shutil.copytree(results / stage / "ae" / "fold1", backup / stage)
     try:
-        (model_dir / "model.pt").unlink()
+        for stage in FOLD1_AE:
+            shutil.rmtree(results / stage / "ae" / "fold1")
         result = snakemake(tiny_study, "-n", "results/metrics/ae/fold1/synth_brats.csv")
         jobs = planned_jobs(result)
         assert jobs.get("train_model") == 1, jobs
+        assert set(jobs) == {"train_model", "score_split", "calibrate_threshold",
+                             "subject_metrics"}, jobs  # fmt: skip
         assert "results/models/ae/fold1/model.pt" in result.stdout
-        assert "fold0" not in result.stdout
-        assert set(jobs) <= {"train_model", "score_split", "calibrate_threshold",
-                             "subject_metrics"}  # fmt: skip
+        assert "fold0" not in result.stdout and "ddpm" not in result.stdout
     finally:
-        shutil.rmtree(model_dir)
-        shutil.copytree(backup, model_dir)
-        shutil.rmtree(backup)  # copytree kept the model's mtime: downstream stays newer
+        for stage in FOLD1_AE:
+            if (results / stage / "ae" / "fold1").exists():
+                shutil.rmtree(results / stage / "ae" / "fold1")
+            # copytree keeps modification times, so the restored outputs stay up to date
+            shutil.copytree(backup / stage, results / stage / "ae" / "fold1")
+        shutil.rmtree(backup)
+    assert planned_jobs(snakemake(tiny_study, "-n")) == {}
+
+
+@pytest.mark.slow
+def test_forcerun_retrains_one_fold_with_outputs_in_place(tiny_study: Path) -> None:
+    """A deleted model whose downstream outputs still exist counts as an intermediate
+    file for Snakemake; --forcerun train_model on the fold's target retrains it alone."""
+    result = snakemake(
+        tiny_study, "-n", "--forcerun", "train_model", "--",
+        "results/metrics/ddpm/fold0/synth_brats.csv",
+    )  # fmt: skip
+    jobs = planned_jobs(result)
+    assert jobs.get("train_model") == 1, jobs
+    assert "fold1" not in result.stdout and "results/models/ae" not in result.stdout
 
 
 @pytest.mark.slow
@@ -144,11 +170,13 @@ def test_figures_target_rebuilds_without_training_or_scoring(tiny_study: Path) -
 
 @pytest.mark.slow
 def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
-    """SIGKILL a running train_model job (as a pre-empted cluster job would be), re-run the
-    same target: the step counter continues from the last checkpoint."""
-    import os
+    """SIGKILL the running training job (as a pre-emption or time limit would), let
+    Snakemake fail it, re-run the same target: the step counter continues from the last
+    checkpoint."""
     import signal
     import time
+
+    import psutil
 
     target = "results/models/ae/fold0/model.pt"
     checkpoint_dir = tiny_study / "results" / "checkpoints" / "ae" / "fold0"
@@ -166,8 +194,7 @@ def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
         ]  # fmt: skip
 
     command = run_command(100000)
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)  # fmt: skip
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = checkpoint_dir / "train_log.csv"
     deadline = time.monotonic() + 300
     try:
@@ -178,9 +205,19 @@ def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
             time.sleep(0.5)
         else:
             raise AssertionError("training did not reach step 60 in time")
+        trainers = [
+            child
+            for child in psutil.Process(job.pid).children(recursive=True)
+            if any("train_model" in part for part in child.cmdline())
+        ]
+        assert trainers, "no training process found"
+        for trainer in trainers:
+            trainer.send_signal(signal.SIGKILL)
+        assert job.wait(timeout=120) != 0, "Snakemake should report the killed job as failed"
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        if job.poll() is None:
+            job.kill()
+            job.wait()
     killed_at = len(log.read_text().splitlines()) - 1
     assert killed_at >= 60
 

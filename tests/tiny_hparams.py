@@ -1,0 +1,12 @@
+"""Tiny hyperparameters per registered method, shared by the method, training and scoring
+tests (32 px inputs, a few thousand parameters). A new method adds its entry here."""
+
+AE_TINY = {"channels": (8, 16), "strides": (2, 2), "num_res_units": 0}
+DDPM_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, False),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+}
+TINY_HPARAMS: dict[str, dict] = {"ae": AE_TINY, "ddpm": DDPM_TINY}
