@@ -1,14 +1,8 @@
 # Config validation, wildcard constraints and every input function of the workflow.
 
-import json
-
 from snakemake.utils import validate
 
-from brainuad.config import (
-    calibration_protocols,
-    check_config,
-    synthetic_subjects,
-)
+from brainuad.config import check_config, synthetic_subjects
 
 validate(config, "../config/schema.yaml")
 check_config(config)
@@ -20,7 +14,6 @@ LESION_DATASETS = [d for d in DATASETS if config["datasets"][d]["lesion"] != "no
 SEQUENCES = config["preprocess"]["sequences"]
 METHODS = list(config["methods"])
 FOLDS = list(range(config["splits"]["n_folds"]))
-PROTOCOLS = calibration_protocols(config)
 
 
 wildcard_constraints:
@@ -92,14 +85,8 @@ def method_config(wildcards):
     return config["methods"][wildcards.method]
 
 
-def postprocess_config(wildcards):
-    """evaluation.postprocess, overridden key by key by methods.<method>.postprocess."""
-    merged = dict(config["evaluation"].get("postprocess", {}))
-    merged.update(config["methods"][wildcards.method].get("postprocess", {}))
-    return merged
-
-
 def postprocess_by_method():
+    """evaluation.postprocess, overridden key by key by methods.<method>.postprocess."""
     return {
         method: {
             **config["evaluation"].get("postprocess", {}),
@@ -107,6 +94,10 @@ def postprocess_by_method():
         }
         for method in METHODS
     }
+
+
+def postprocess_config(wildcards):
+    return postprocess_by_method()[wildcards.method]
 
 
 def score_batch_size(wildcards):

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from brainuad.errors import InputError
 from brainuad.io.scores import ScoresWriter
-from brainuad.methods.base import Method
+from brainuad.methods import Method  # the package import registers every method
 from brainuad.provenance import provenance
 from brainuad.slices.hdf5 import SliceFile
+from brainuad.slices.splits import read_splits, subjects_in
 from brainuad.training.device import resolve_device
 
 
@@ -126,9 +127,6 @@ def score_dataset_split(
 ) -> dict[str, Any]:
     """Score every slice of the subjects in ``split`` of fold ``fold`` (what ``score_split``
     runs): rows in slice-file order, written to ``out_path``."""
-    from brainuad.methods import Method
-    from brainuad.slices.splits import read_splits, subjects_in
-
     subjects = subjects_in(read_splits(splits_path), fold=fold, split=split)
     if not subjects:
         raise InputError(f"{splits_path}: fold {fold} has no subject in split {split!r}")

@@ -306,3 +306,53 @@ def feature_metrics(
             weights_path=inception_weights,
         )
     return result
+
+
+def evaluate_test_split(
+    *,
+    slice_path: str | os.PathLike,
+    scores_path: str | os.PathLike,
+    threshold_record: Mapping[str, Any],
+    dataset: str,
+    postprocess: PostprocessConfig,
+    image_score: ImageScore,
+    spacing: tuple[float, float, float],
+    healthy_slice_path: str | os.PathLike,
+    healthy_train_subjects: Sequence[str],
+    lpips_weights: str | os.PathLike | None = None,
+    inception_weights: str | os.PathLike | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Everything the ``subject_metrics`` rule reports for one test split.
+
+    Returns ``(table, summary)``: one row per subject (:func:`subject_metrics_table`, with
+    the thresholds that apply to ``dataset``), and a summary with subject means, slice-level
+    detection, feature metrics (skipped without weights) and the thresholds used.
+    """
+    thresholds = thresholds_for_dataset(threshold_record, dataset)
+    table, slice_level = subject_metrics_table(
+        slice_path=slice_path,
+        scores_path=scores_path,
+        thresholds=thresholds,
+        postprocess=postprocess,
+        image_score=image_score,
+        voxel_volume_ml=float(np.prod(spacing)) / 1000.0,
+        spacing=spacing,
+    )
+    features = feature_metrics(
+        slice_path=slice_path,
+        scores_path=scores_path,
+        reference_slice_path=healthy_slice_path,
+        reference_rows=SliceFile(healthy_slice_path).rows_for_subjects(healthy_train_subjects),
+        lpips_weights=lpips_weights,
+        inception_weights=inception_weights,
+    )
+    summary = {
+        "dataset": dataset,
+        "split": "test",
+        "n_subjects": len(table),
+        "means": table.drop(columns=["subject"]).mean(numeric_only=True).to_dict(),
+        "slice_level": {k: v for k, v in slice_level.items() if k != "scores"},
+        "feature_metrics": features,
+        "thresholds": {name: entry["threshold"] for name, entry in thresholds.items()},
+    }
+    return table, summary

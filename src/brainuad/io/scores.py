@@ -127,10 +127,9 @@ class ScoresFile:
                     out["reconstruction"] = f["reconstruction"][sel]
                 return out
             idx = np.asarray(sel, dtype=np.int64)
-            order = np.argsort(idx)
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(order.size)
-            out = {"anomaly_map": f["anomaly_map"][idx[order]][inverse], "row": self.rows[idx]}
+            # h5py needs increasing, unique indices: read those, then restore order/repeats.
+            unique, inverse = np.unique(idx, return_inverse=True)
+            out = {"anomaly_map": f["anomaly_map"][unique][inverse], "row": self.rows[idx]}
             if reconstruction and self.has_reconstruction:
-                out["reconstruction"] = f["reconstruction"][idx[order]][inverse]
+                out["reconstruction"] = f["reconstruction"][unique][inverse]
             return out
