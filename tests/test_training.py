@@ -113,6 +113,28 @@ def test_resume_after_interrupt(slices, tmp_path, name, hparams):
         assert torch.equal(value, again.state_dict()[key]), key
 
 
+def test_resume_after_kill_during_checkpoint_write(slices, tmp_path):
+    """SIGKILL while step 10's checkpoint is being written: the log already has row 10, the
+    checkpoint on disk is still step 5 and a partial temporary sits next to it. The resumed
+    run starts from step 5, drops the orphaned log rows and deletes the temporary."""
+    dataset = SliceDataset(slices)
+    run = make_run(tmp_path, max_steps=10)
+    train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=5))
+    step5 = run.checkpoint_path.read_bytes()
+    train(fresh("ae", AE_TINY), dataset, None, run)
+    run.checkpoint_path.write_bytes(step5)  # the step-10 checkpoint never got renamed in
+    partial = tmp_path / f".{run.checkpoint_path.name}.k1ll3d.tmp.pt"
+    partial.write_bytes(step5[: len(step5) // 2])
+    unrelated = tmp_path / "notes.tmp.pt"
+    unrelated.write_bytes(b"keep")
+
+    summary = train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=12))
+    assert summary["start_step"] == 5 and summary["final_step"] == 12
+    assert [int(r["step"]) for r in read_log(run.log_path)] == list(range(1, 13))
+    assert not partial.exists()
+    assert unrelated.read_bytes() == b"keep"
+
+
 def test_same_seed_same_log(slices, tmp_path):
     dataset = SliceDataset(slices)
     train(fresh("ddpm", DDPM_TINY), dataset, dataset, make_run(tmp_path / "a", max_steps=6))

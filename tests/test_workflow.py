@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
@@ -220,6 +221,12 @@ def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
             job.wait()
     killed_at = len(log.read_text().splitlines()) - 1
     assert killed_at >= 60
+    # A step's log row is written before its checkpoint, so a kill that lands while the
+    # checkpoint is being written leaves the previous checkpoint on disk: resume must start
+    # from whatever checkpoint survived, never from a half-written one.
+    checkpoint = torch.load(checkpoint_dir / "last.pt", map_location="cpu", weights_only=True)
+    saved_step = int(checkpoint["step"])
+    assert saved_step % 25 == 0 and killed_at - 25 <= saved_step <= killed_at
 
     resumed_to = 80 if killed_at < 75 else killed_at + 20
     result = subprocess.run(run_command(resumed_to), capture_output=True, text=True)
@@ -229,5 +236,6 @@ def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
     summary = json.loads((tiny_study / "results" / "models" / "ae" / "fold0" / "config.json")
                          .read_text())["summary"]  # fmt: skip
     assert summary["resumed"] is True
-    assert summary["start_step"] == (killed_at // 25) * 25
+    assert summary["start_step"] == saved_step
+    assert not list(checkpoint_dir.glob(".last.pt.*")), "temporary of the killed write left"
     assert summary["final_step"] == resumed_to

@@ -53,3 +53,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporaries that a killed :func:`atomic_path` write left next to ``path``.
+
+    SIGKILL (pre-emption, a time limit) skips the clean-up in :func:`atomic_path`, so a job
+    killed while writing a large checkpoint leaves a full-size ``.{name}.*.tmp*`` file. Call
+    this only from the one job that owns ``path`` (e.g. at the start of a resumed training
+    run), never while another process may be writing it.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp*"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -32,12 +33,14 @@ from tqdm.auto import tqdm
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.io.atomic import atomic_path, write_text_atomic
+from brainuad.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from brainuad.provenance import seed_everything
 from brainuad.training.device import DeviceName, resolve_device
 
 if TYPE_CHECKING:
     from brainuad.methods.base import Method
+
+_LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "brainuad.training/1"
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "seconds", "lr")
@@ -166,6 +169,9 @@ def train(
     optimizer = method.configure_optimizer(learning_rate)
     use_amp = device.type == "cuda" and run.mixed_precision
 
+    # A job killed mid-checkpoint leaves a full-size temporary behind; this run owns the file.
+    for stale in remove_stale_temporaries(run.checkpoint_path):
+        _LOGGER.info("removed %s, left by a job killed while writing a checkpoint", stale)
     checkpoint = _read_checkpoint(run.checkpoint_path, method, run, batch_size)
     start_step, elapsed = 0, 0.0
     last_train_loss: float | None = None
