@@ -25,6 +25,17 @@ wildcard_constraints:
     sequence="|".join(SEQUENCES),
 
 
+def runtime_per_attempt(minutes):
+    """`runtime` resource of ``minutes`` × attempt: a job that ran out of time gets more on
+    each retry (a rule's own value replaces the profile's default, so rules say so here).
+    """
+
+    def runtime(wildcards, attempt):
+        return minutes * attempt
+
+    return runtime
+
+
 def subjects_of(dataset):
     """Subject identifiers of ``dataset``, known from the config (no checkpoint needed)."""
     spec = config["datasets"][dataset]
@@ -81,8 +92,11 @@ def preprocess_params(wildcards):
 # ---- training and evaluation ------------------------------------------------------------
 
 
-def method_config(wildcards):
-    return config["methods"][wildcards.method]
+def method_training_config(wildcards):
+    """The `model` and `training` blocks of the method: a train_model param, so changing them
+    (and only them, not post-processing or scoring settings) reruns training."""
+    method = config["methods"][wildcards.method]
+    return {key: method.get(key, {}) for key in ("model", "training")}
 
 
 def postprocess_by_method():
@@ -112,11 +126,35 @@ def calibration_inputs(wildcards):
         "healthy_val_scores": f"{prefix}/{HEALTHY_DATASET}_val.h5",
         "healthy_val_slices": f"results/slices/{HEALTHY_DATASET}.h5",
     }
-    if config["evaluation"].get("best_dice_on_validation", True):
-        for dataset in LESION_DATASETS:
-            inputs[f"lesion_val_scores__{dataset}"] = f"{prefix}/{dataset}_val.h5"
-            inputs[f"lesion_val_slices__{dataset}"] = f"results/slices/{dataset}.h5"
+    for dataset in calibration_lesion_datasets(wildcards):
+        inputs[f"lesion_val_scores__{dataset}"] = f"{prefix}/{dataset}_val.h5"
+        inputs[f"lesion_val_slices__{dataset}"] = f"results/slices/{dataset}.h5"
     return inputs
+
+
+def calibration_lesion_datasets(wildcards):
+    """The lesion cohorts calibrate_threshold calibrates on by best Dice on validation (their
+    val scores are its inputs); none when evaluation.best_dice_on_validation is off."""
+    if config["evaluation"]["best_dice_on_validation"]:
+        return LESION_DATASETS
+    return []
+
+
+def feature_weights(wildcards):
+    """evaluation.lpips_weights / inception_weights as inputs of subject_metrics when set,
+    so that a missing or replaced weights file is seen when the DAG is built."""
+    weights = {}
+    for key in ("lpips_weights", "inception_weights"):
+        path = config["evaluation"].get(key)
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise ValueError(
+                f"evaluation.{key}: {path} does not exist; expected a .pt2 or "
+                "TorchScript network file, or null to skip the metric"
+            )
+        weights[key] = path
+    return weights
 
 
 def metrics_files(method=None, fold=None, dataset=None):

@@ -18,7 +18,7 @@ rule score_split:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=30,
+        runtime=runtime_per_attempt(30),
     params:
         batch_size=score_batch_size,
         device=config.get("device", "auto"),
@@ -38,15 +38,16 @@ rule calibrate_threshold:
     conda:
         "../envs/torch.yaml"
     params:
-        evaluation=config["evaluation"],
+        healthy_fprs=config["evaluation"]["healthy_fprs"],
+        lesion_datasets=calibration_lesion_datasets,
         postprocess=postprocess_config,
-        healthy_dataset=HEALTHY_DATASET,
     script:
         "../workflow_scripts/calibrate_threshold.py"
 
 
 rule subject_metrics:
     input:
+        unpack(feature_weights),
         scores="results/scores/{method}/fold{fold}/{dataset}_test.h5",
         slices="results/slices/{dataset}.h5",
         thresholds="results/calibration/{method}/fold{fold}/threshold.json",
@@ -62,11 +63,10 @@ rule subject_metrics:
     conda:
         "../envs/torch.yaml"
     params:
-        evaluation=config["evaluation"],
+        image_score=config["evaluation"]["image_score"],
         postprocess=postprocess_config,
         resolution_mm=config["preprocess"]["resolution_mm"],
         slice_size=config["slices"]["size"],
         crop_shape=config["preprocess"]["crop_shape"],
-        study_config=config,
     script:
         "../workflow_scripts/subject_metrics.py"

@@ -27,7 +27,7 @@ rule preprocess_subject:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=runtime_per_attempt(30),
     params:
         sequences=SEQUENCES,
         options=preprocess_params,

@@ -15,13 +15,21 @@ rule aggregate_tables:
             labels={"table": "main"},
         ),
         main_tex="results/tables/main.tex",
-        by_metric=directory("results/tables/by_metric"),
+        prevalence="results/tables/prevalence.csv",
+        by_metric=report(
+            directory("results/tables/by_metric"),
+            patterns=["{table}.md"],
+            caption="../report/captions/metric_table.rst",
+            category="Tables",
+            subcategory="By metric",
+            labels={"table": "{table}"},
+        ),
     log:
         "logs/aggregate_tables.log",
     conda:
         "../envs/reporting.yaml"
     params:
-        evaluation=config["evaluation"],
+        default_protocol=config["evaluation"]["default_protocol"],
         methods=METHODS,
         folds=FOLDS,
         datasets=DATASETS,
@@ -50,7 +58,8 @@ rule plot_figures:
     conda:
         "../envs/reporting.yaml"
     params:
-        evaluation=config["evaluation"],
+        default_protocol=config["evaluation"]["default_protocol"],
+        examples_per_dataset=config["evaluation"]["qualitative_examples_per_dataset"],
         postprocess=postprocess_by_method(),
         methods=METHODS,
         folds=FOLDS,

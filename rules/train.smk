@@ -1,5 +1,7 @@
 # Train each method on each fold's healthy training slices. Resumable: the checkpoint
 # lives outside the rule's outputs, so a killed or pre-empted job continues on re-run.
+# Params hold only what determines training: Snakemake reruns a job when a param changes,
+# so the whole config (recorded in config.json) is read from `snakemake.config` instead.
 
 
 rule train_model:
@@ -24,12 +26,11 @@ rule train_model:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=runtime_per_attempt(60),
     params:
-        method_config=method_config,
+        method_config=method_training_config,
         checkpoint_dir="results/checkpoints/{method}/fold{fold}",
         seed=config["seed"],
         device=config.get("device", "auto"),
-        study_config=config,
     script:
         "../workflow_scripts/train_model.py"

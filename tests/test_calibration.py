@@ -95,6 +95,8 @@ def test_calibrate_records_protocol_and_data():
         subjects=["s1", "s2"],
         dataset="brats21",
         postprocess=cfg,
+        splits=["val"],
+        scores_files=["scores/brats21_val.h5"],
     )
     json.dumps(rec)
     assert rec["protocol"] == "best_dice_val" and rec["threshold"] == 3.0
@@ -102,6 +104,7 @@ def test_calibrate_records_protocol_and_data():
     assert rec["chosen_on"] == {
         "dataset": "brats21",
         "split": "val",
+        "scores_files": ["scores/brats21_val.h5"],
         "subjects": ["s1", "s2"],
         "n_voxels": 8,
         "uses_pixel_labels": True,
@@ -111,28 +114,48 @@ def test_calibrate_records_protocol_and_data():
 
     rng = np.random.default_rng(1)
     hmaps, hmasks = _subjects(rng.random(10_000).astype(np.float32), 2)
+    healthy = {
+        "maps": hmaps,
+        "brainmasks": hmasks,
+        "subjects": ["a", "b"],
+        "dataset": ["ixi", "oasis"],
+        "postprocess": cfg,
+    }
     rec = calibrate(
         "healthy_fpr",
-        maps=hmaps,
-        brainmasks=hmasks,
-        subjects=["a", "b"],
-        dataset=["ixi"],
-        postprocess=cfg,
+        **healthy,
+        splits=["val", "val"],
+        scores_files=["ixi_val.h5", "oasis_val.h5"],
         target_fpr=0.05,
     )
     json.dumps(rec)
     assert rec["target_fpr"] == 0.05 and rec["achieved_fpr_val"] == pytest.approx(0.05)
     assert rec["chosen_on"]["uses_pixel_labels"] is False
-    assert rec["chosen_on"]["uses_test_data"] is False
+    assert rec["chosen_on"]["scores_files"] == ["ixi_val.h5", "oasis_val.h5"]
+    assert rec["chosen_on"]["split"] == "val"
     with pytest.raises(ValueError, match="target_fpr"):
-        calibrate(
-            "healthy_fpr",
-            maps=hmaps,
-            brainmasks=hmasks,
-            subjects=["a", "b"],
-            dataset="ixi",
-            postprocess=cfg,
-        )
+        calibrate("healthy_fpr", **healthy, splits=["val"], scores_files=["ixi_val.h5"])
+    with pytest.raises(ValueError, match="one split per scores file"):
+        calibrate("healthy_fpr", **healthy, splits=["val"], scores_files=[], target_fpr=0.05)
+
+
+def test_calibrate_records_the_splits_it_was_given():
+    """The record states what the caller read, so a test split shows up as test data."""
+    rng = np.random.default_rng(2)
+    hmaps, hmasks = _subjects(rng.random(1_000).astype(np.float32), 2)
+    rec = calibrate(
+        "healthy_fpr",
+        maps=hmaps,
+        brainmasks=hmasks,
+        subjects=["a", "b"],
+        dataset="ixi",
+        postprocess=PostprocessConfig(),
+        splits=["val", "test"],
+        scores_files=["ixi_val.h5", "ixi_test.h5"],
+        target_fpr=0.05,
+    )
+    assert rec["chosen_on"]["split"] == ["test", "val"]
+    assert rec["chosen_on"]["uses_test_data"] is True
 
 
 def test_protocol_names_and_threshold_values():

@@ -12,7 +12,7 @@ from brainuad.errors import InputError
 from brainuad.evaluation.evaluate import calibrate_from_scores, subject_metrics_table
 from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.evaluation.volumes import iter_subject_volumes
-from brainuad.io.scores import ScoresWriter
+from brainuad.io.scores import ScoresFile, ScoresWriter
 from brainuad.slices.hdf5 import SliceFile, SliceWriter
 
 H = W = 32
@@ -31,7 +31,9 @@ def _write_scores(
         amap *= data["brainmask"]
     else:
         amap = map_fn(data)
-    attrs = {"method": "toy", "fold": 0, "dataset": "toy", "split": split}
+    attrs = {"method": "toy", "fold": 0, "dataset": "toy"}
+    if split is not None:  # None: a file that does not say which split it scored
+        attrs["split"] = split
     c = data["images"].shape[1]
     with ScoresWriter(
         path, rows=rows, height=H, width=W, channels=c if reconstruct else None, attrs=attrs
@@ -102,6 +104,19 @@ def test_volumes_follow_slice_index_even_when_rows_are_shuffled(tmp_path):
     assert vols["b"].image is not None and vols["b"].label.tolist() == [1, 1]
 
 
+def test_volumes_of_selected_subjects_only(toy, tmp_path):
+    path, rng = toy
+    scores = _write_scores(tmp_path / "s.h5", path, ["s1", "s4", "s6"], "test", rng)
+    picked = list(iter_subject_volumes(path, scores, subjects={"s6", "s1"}))
+    first_rows = {
+        s: np.flatnonzero(SliceFile(path).subjects[ScoresFile(scores).rows] == s)[0]
+        for s in ("s1", "s6")
+    }
+    assert [v.subject for v in picked] == sorted(first_rows, key=first_rows.get)
+    with pytest.raises(InputError, match=r"s\.h5: subject\(s\) \['s2'\] not scored"):
+        list(iter_subject_volumes(path, scores, subjects=["s2"]))
+
+
 def test_volumes_refuse_bad_rows(tmp_path):
     rng = np.random.default_rng(2)
     slice_path = tmp_path / "dup.h5"
@@ -133,11 +148,20 @@ def test_calibrate_from_scores(toy, tmp_path):
     assert t["healthy_fpr_5"]["chosen_on"]["subjects"] == ["s0", "s1"]
     assert t["best_dice_val/toy"]["chosen_on"]["uses_pixel_labels"] is True
     assert t["best_dice_val/toy"]["pooled_dice_val"] > 0.7  # the 5^3 median rounds the cube
-    assert all(e["chosen_on"]["uses_test_data"] is False for e in t.values())
+    assert t["healthy_fpr_5"]["chosen_on"]["scores_files"] == [str(healthy)]
+    assert t["best_dice_val/toy"]["chosen_on"]["scores_files"] == [str(lesion)]
+    assert all(e["chosen_on"]["split"] == "val" for e in t.values())
 
     test_scores = _write_scores(tmp_path / "t.h5", path, ["s2"], "test", rng)
-    with pytest.raises(InputError, match="'val' scores only"):
+    with pytest.raises(InputError, match=r"t\.h5: attribute 'split' is 'test'"):
         calibrate_from_scores(healthy_val=[(path, test_scores)], lesion_val={}, postprocess=cfg)
+    with pytest.raises(InputError, match=r"t\.h5: attribute 'split' is 'test'"):
+        calibrate_from_scores(
+            healthy_val=[(path, healthy)], lesion_val={"toy": (path, test_scores)}, postprocess=cfg
+        )
+    unlabelled = _write_scores(tmp_path / "u.h5", path, ["s0"], None, rng)
+    with pytest.raises(InputError, match=r"u\.h5: no attribute 'split'"):
+        calibrate_from_scores(healthy_val=[(path, unlabelled)], lesion_val={}, postprocess=cfg)
     with pytest.raises(InputError, match="lesion voxels"):
         calibrate_from_scores(healthy_val=[(path, lesion)], lesion_val={}, postprocess=cfg)
 
@@ -181,11 +205,13 @@ def test_subject_metrics_table(toy, tmp_path):
     assert len(sick) == 2 and len(well) == 2
     assert (sick["dice@best_dice_val/toy"] > 0.9).all()
     assert (sick["auroc"] > 0.99).all()
-    # No lesion: Dice is 0 if anything is flagged, NaN (not 1) if nothing is.
-    flagged = well["pred_volume_voxels@healthy_fpr_5"] > 0
-    assert (well["dice@healthy_fpr_5"].isna() == ~flagged).all()
-    assert (well.loc[flagged, "dice@healthy_fpr_5"] == 0).all()
-    assert well["auroc"].isna().all() and well["hd95@healthy_fpr_5"].isna().all()
+    # No lesion: lesion metrics are NaN whether or not anything is flagged (the loose 5 %
+    # threshold flags voxels of both healthy subjects); FPR and lesion_fp still count.
+    assert (well["pred_volume_voxels@healthy_fpr_5"] > 0).all()
+    for key in ("dice", "hd95", "lesion_precision", "lesion_recall", "lesion_f1"):
+        assert well[f"{key}@healthy_fpr_5"].isna().all()
+    assert (well["fpr@healthy_fpr_5"] > 0).all() and (well["lesion_fp@healthy_fpr_5"] > 0).all()
+    assert well["auroc"].isna().all()
     assert (well["fpr@healthy_fpr_5"] <= 0.05 + 0.02).all()
     assert (sick["lesion_tp@best_dice_val/toy"] == 1).all()
     assert slice_level["image_score"] == "max" and slice_level["n_slices"] == 32

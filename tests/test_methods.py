@@ -21,9 +21,6 @@ from brainuad.provenance import seed_everything
 from brainuad.slices.hdf5 import SliceDataset, SliceWriter
 from brainuad.training.loop import TrainingRun
 
-# Tiny hyperparameters per method: every registered method must appear here, so a new
-# method cannot slip past the contract test.
-
 
 def write_slices(path, n_subjects: int = 2, per_subject: int = 8, size: int = 32) -> None:
     """A tiny slice file: a bright disc of 'brain' with a smooth gradient, 1 channel."""
@@ -128,6 +125,30 @@ def test_duplicate_registration_refused():
                 raise NotImplementedError
 
     assert _REGISTRY["ae"].__name__ == "ConvAutoencoder"
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_scoring_hparams_are_hparams(name):
+    assert _REGISTRY[name].scoring_hparams <= set(default_hparams(name))
+
+
+def test_scoring_hparams_must_be_constructor_keywords():
+    with pytest.raises(ValueError, match="no_such_knob"):
+
+        @register("scoring-hparams-typo")
+        class Typo(Method):  # pragma: no cover - never registered
+            scoring_hparams = frozenset({"no_such_knob"})
+
+            def __init__(self, *, score_seed: int = 0) -> None:
+                super().__init__(score_seed=score_seed)
+
+            def training_loss(self, batch):
+                raise NotImplementedError
+
+            def _score(self, images, brainmask, generator):
+                raise NotImplementedError
+
+    assert "scoring-hparams-typo" not in _REGISTRY
 
 
 def test_load_refuses_wrong_class(tmp_path):

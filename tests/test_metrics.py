@@ -208,6 +208,27 @@ def test_subject_volume_metrics_columns_and_values():
         assert f"{key}@a" in row and f"{key}@b" in row
 
 
+def test_subject_volume_metrics_without_lesion():
+    """A lesion-free subject has NaN lesion metrics whether or not something is flagged, and
+    is described by FPR, false-positive lesions and predicted volume."""
+    region = np.zeros((4, 12, 12), bool)
+    region[:, 1:11, 1:11] = True
+    post = np.zeros(region.shape, np.float32)
+    post[1:3, 3:5, 3:5] = 1.0  # one false-positive component of 8 voxels
+    lesion = np.zeros_like(region)
+    lesion[0, 0, 0] = True  # outside the region: the subject counts as lesion-free
+    row = M.subject_volume_metrics(post, region, lesion, {"low": 0.5, "high": 2.0}, NO_CC)
+    assert not row["has_lesion"] and row["true_volume_voxels"] == 0
+    for name in ("low", "high"):
+        for key in M.LESION_CONDITIONAL_METRICS:
+            assert math.isnan(row[f"{key}@{name}"]), (key, name)
+    assert row["lesion_fp@low"] == 1 and row["pred_volume_voxels@low"] == 8
+    assert row["fpr@low"] == pytest.approx(8 / region.sum())
+    assert row["lesion_fp@high"] == 0 and row["fpr@high"] == 0.0
+    assert row["lesion_tp@low"] == 0 and row["lesion_fn@low"] == 0
+    assert math.isnan(row["auprc"]) and math.isnan(row["oracle_dice"])
+
+
 # --- slice level --------------------------------------------------------------------------
 
 

@@ -19,13 +19,13 @@ import pytest
 from brainuad.data.synthetic import generate_subject
 from brainuad.data.template import write_template_files
 from brainuad.errors import InputError
+from brainuad.evaluation.metrics import dice
 from brainuad.preprocess import preprocess_subject
 from brainuad.preprocess.ants_bridge import ants_affine, ants_to_nifti, nifti_to_ants
 from brainuad.preprocess.bias import n4_correct
 from brainuad.preprocess.crop import brain_box_centre, crop_or_pad
 from brainuad.preprocess.normalise import percentile_normalise
 from brainuad.preprocess.orientation import reorient_to_ras
-from brainuad.preprocess.qc import dice
 from brainuad.preprocess.resample import resample_to_isotropic
 from brainuad.preprocess.skullstrip_deepbet import deepbet_brainmask
 from brainuad.preprocess.skullstrip_template import registration_brainmask
@@ -37,7 +37,6 @@ FAST = {
     "n4_shrink_factor": 2,
     "n4_iterations": (20, 20, 20, 20),
     "crop_shape": CROP_SHAPE,
-    "threads": 2,
 }
 SEQUENCES = ("t1", "flair")
 TUMOUR_LABELS = {0, 1, 2, 3}

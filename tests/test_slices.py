@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -12,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from brainuad.errors import InputError
+from brainuad.io.hdf5 import read_rows
 from brainuad.io.nifti import save_nifti
 from brainuad.slices.extract import build_slice_file, extract_subject_slices
-from brainuad.slices.hdf5 import SliceDataset, SliceFile
+from brainuad.slices.hdf5 import SliceDataset, SliceFile, SliceWriter
 
 SHAPE = (40, 48, 40)  # R, A, S
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -215,6 +218,50 @@ def test_slice_dataset_reads_rows_lazily(slice_file, monkeypatch):
     image_reads = [args for name, args in selections if name == "/images"]
     assert len(image_reads) == len(dataset)
     assert all(isinstance(args, int) for args in image_reads)
+
+
+def test_read_rows_any_order_and_repeats(tmp_path):
+    data = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
+    with h5py.File(tmp_path / "rows.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(1, 3))
+    with h5py.File(tmp_path / "rows.h5", "r") as f:
+        for rows in ([4, 0, 4, 2], [5, 5], [1, 2, 3], []):
+            np.testing.assert_array_equal(read_rows(f["x"], rows), data[rows].reshape(-1, 3))
+
+
+def test_slice_file_read_any_order_and_repeats(slice_file):
+    path, _ = slice_file
+    with h5py.File(path, "r") as f:
+        full = {name: f[name][:] for name in ("images", "brainmask", "seg", "slice_index")}
+        subjects = f["subject"].asstr()[:]
+    rows = [len(subjects) - 1, 0, 3, 0]
+    out = SliceFile(path).read(rows)
+    for name, values in full.items():
+        np.testing.assert_array_equal(out[name], values[rows], err_msg=name)
+    np.testing.assert_array_equal(out["subject"], subjects[rows])
+    np.testing.assert_array_equal(out["row"], rows)
+
+
+def test_slice_file_module_imports_without_torch():
+    # The reporting environment has no torch; it reads slice files through SliceFile.
+    code = "import sys; sys.modules['torch'] = None; import brainuad.slices.hdf5"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reserved_attrs_refused_before_any_file(tmp_path, cohort):
+    out = tmp_path / "x.h5"
+    with pytest.raises(InputError, match=r"x\.h5: attrs \['sequences'\] are reserved"):
+        SliceWriter(out, sequences=["t1"], height=8, width=8, attrs={"sequences": "[]"})
+    with pytest.raises(InputError, match="contract_version"):
+        build_slice_file(
+            out_path=out,
+            subjects=cohort,
+            sequences=["t1"],
+            size=16,
+            min_brain_fraction=0.25,
+            attrs={"contract_version": 2},
+        )
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind either
 
 
 def test_slice_dataset_subject_selection(slice_file):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from brainuad.data import synthetic
 from brainuad.data.synthetic import (
     LESION_KINDS,
     SEQUENCES,
@@ -52,7 +53,7 @@ def _healthy(subject: SyntheticSubject, tissue: str) -> np.ndarray:
 # --------------------------------------------------------------------------- template
 
 
-def test_template_is_the_mni152_2009c_with_probabilities():
+def test_template_is_the_mni152_2009a_with_probabilities():
     tpl = load_mni_template()
     assert tpl.shape == (197, 233, 189)
     assert nib.aff2axcodes(tpl.affine) == ("R", "A", "S")
@@ -197,6 +198,34 @@ def test_lesion_ground_truth(subjects):
     assert ndimage.label(wmh)[1] >= 3
     assert subjects["wmh"].metadata["lesion_volume_ml"] < 10
     assert 1 < subjects["stroke"].metadata["lesion_volume_ml"] < 150
+
+
+def test_lesion_keeps_tissue_fractions_summing_to_one(monkeypatch):
+    """A tumour that reaches past the brain surface replaces brain, not the CSF rim."""
+    add_lesion = synthetic._add_lesion
+    seen = []
+
+    def spy(kind, rng, coords, grid, anatomy, tissue, *args):
+        f = tissue.fractions
+        before = sum(f.values())
+        rim = f["csf"] - np.clip(tissue.brain - f["gm"] - f["wm"], 0.0, None)
+        seg = add_lesion(kind, rng, coords, grid, anatomy, tissue, *args)
+        lesion = sum(tissue.fractions[name] for name in ("necrosis", "oedema", "enhancing"))
+        seen.append(
+            (before, sum(tissue.fractions.values()), ((lesion > 0.05) & (rim > 0.05)).sum())
+        )
+        return seg
+
+    monkeypatch.setattr(synthetic, "_add_lesion", spy)
+    for seed in (1, 2, 3):
+        generate_subject(seed=seed, lesion="tumour", sequences=("t1",), voxel_size_range=COARSE)
+    for before, after, _ in seen:
+        whole = np.abs(before - 1.0) < 1e-5
+        assert whole.sum() > 1000
+        np.testing.assert_allclose(after[whole], 1.0, atol=1e-5)
+        np.testing.assert_allclose(after, before, atol=1e-5)
+    # Seeds 1 and 2 put the tumour across the brain surface, over the CSF rim.
+    assert sum(hits for *_, hits in seen) > 10
 
 
 def test_contrast_orderings(subjects):

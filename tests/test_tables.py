@@ -9,13 +9,17 @@ import pandas as pd
 import pytest
 
 from brainuad.errors import InputError
+from brainuad.evaluation.metrics import subject_volume_metrics
+from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.evaluation.tables import (
     MetricInfo,
     collect_metrics,
+    display_order,
     fold_means,
     infer_metric_info,
     latex_escape,
     main_table_markdown,
+    render_main_table,
     render_metric_table,
     summarise_over_folds,
     table_stem,
@@ -25,7 +29,7 @@ from brainuad.evaluation.tables import (
 NAN = math.nan
 
 
-def _write_csv(path, dice, auprc, has_lesion=None):
+def _write_csv(path, dice, auprc, fpr=None, has_lesion=None):
     has_lesion = has_lesion or [not math.isnan(d) for d in dice]
     frame = pd.DataFrame(
         {
@@ -33,6 +37,7 @@ def _write_csv(path, dice, auprc, has_lesion=None):
             "has_lesion": has_lesion,
             "dice@healthy_fpr_5": dice,
             "auprc": auprc,
+            "fpr@healthy_fpr_5": fpr or [0.01] * len(dice),
         }
     )
     frame.to_csv(path, index=False)
@@ -41,16 +46,17 @@ def _write_csv(path, dice, auprc, has_lesion=None):
 
 @pytest.fixture
 def metric_paths(tmp_path):
-    """Two methods × two folds × one dataset; the last subject is healthy (NaN Dice)."""
+    """Two methods × two folds × one dataset; the last subject has no lesion, so, as the
+    metrics module writes it, NaN Dice and AUPRC but an FPR."""
     values = {
-        ("good", 0): ([0.6, 0.8, NAN], [0.5, 0.7, 0.1]),
-        ("good", 1): ([0.7, 0.9, NAN], [0.6, 0.8, 0.2]),
-        ("bad", 0): ([0.1, 0.3, NAN], [0.2, 0.4, 0.3]),
-        ("bad", 1): ([0.2, 0.2, NAN], [0.2, 0.2, 0.3]),
+        ("good", 0): ([0.6, 0.8, NAN], [0.5, 0.7, NAN], [0.01, 0.02, 0.06]),
+        ("good", 1): ([0.7, 0.9, NAN], [0.6, 0.8, NAN], [0.01, 0.01, 0.04]),
+        ("bad", 0): ([0.1, 0.3, NAN], [0.2, 0.4, NAN], [0.03, 0.05, 0.07]),
+        ("bad", 1): ([0.2, 0.2, NAN], [0.2, 0.2, NAN], [0.02, 0.02, 0.08]),
     }
     return {
-        (method, fold, "brats"): _write_csv(tmp_path / f"{method}{fold}.csv", dice, auprc)
-        for (method, fold), (dice, auprc) in values.items()
+        (method, fold, "brats"): _write_csv(tmp_path / f"{method}{fold}.csv", *columns)
+        for (method, fold), columns in values.items()
     }
 
 
@@ -84,7 +90,7 @@ def test_collect_metrics_is_long(metric_paths):
         "metric",
         "value",
     ]
-    assert len(long) == 4 * 3 * 2
+    assert len(long) == 4 * 3 * 3
     assert long["fold"].dtype.kind == "i"
 
 
@@ -103,8 +109,51 @@ def test_fold_means_ignore_nan_and_count_subjects(metric_paths):
     assert dice["mean"] == pytest.approx(0.7)  # healthy NaN left out, not counted as 0
     assert dice["n"] == 2
     auprc = _row(folds, method="good", fold=0, metric="auprc")
-    assert auprc["mean"] == pytest.approx((0.5 + 0.7 + 0.1) / 3)
-    assert auprc["n"] == 3
+    assert auprc["mean"] == pytest.approx((0.5 + 0.7) / 2)
+    assert auprc["n"] == 2
+    fpr = _row(folds, method="good", fold=0, metric="fpr@healthy_fpr_5")
+    assert fpr["mean"] == pytest.approx((0.01 + 0.02 + 0.06) / 3)  # every subject counts
+    assert fpr["n"] == 3
+
+
+def test_fold_means_of_lesion_metrics_cover_lesion_subjects_only(tmp_path):
+    """Through the real metrics: a lesion-free subject with a false positive adds nothing to
+    Dice or lesion precision (not a 0), but counts in FPR and false-positive lesions."""
+    region = np.zeros((4, 12, 12), bool)
+    region[:, 1:11, 1:11] = True
+    lesion = np.zeros_like(region)
+    lesion[1:3, 2:6, 2:6] = True
+    with_lesion = lesion.astype(np.float32)
+    with_lesion[1, 8, 8] = 1.0  # plus one false-positive voxel
+    false_positive = np.zeros(region.shape, np.float32)
+    false_positive[1:3, 7:9, 7:9] = 1.0
+    no_cc = PostprocessConfig(min_component_voxels=0)
+    rows = [
+        {
+            "subject": "sick",
+            **subject_volume_metrics(with_lesion, region, lesion, {"p": 0.5}, no_cc),
+        },
+        {
+            "subject": "well",
+            **subject_volume_metrics(
+                false_positive, region, np.zeros_like(region), {"p": 0.5}, no_cc
+            ),
+        },
+    ]
+    path = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    metrics = ["dice@p", "lesion_precision@p", "fpr@p", "lesion_fp@p"]
+    long = collect_metrics({("m", 0, "d"): path}, metrics=metrics)
+    well = long[long["subject"] == "well"].set_index("metric")["value"]
+    assert math.isnan(well["dice@p"]) and math.isnan(well["lesion_precision@p"])
+    assert well["lesion_fp@p"] == 1 and well["fpr@p"] == pytest.approx(8 / region.sum())
+    means = fold_means(long).set_index("metric")
+    assert means.at["dice@p", "n"] == 1
+    assert means.at["dice@p", "mean"] == pytest.approx(2 * 32 / (33 + 32))
+    assert means.at["lesion_precision@p", "n"] == 1
+    assert means.at["lesion_precision@p", "mean"] == pytest.approx(0.5)
+    assert means.at["fpr@p", "n"] == 2 and means.at["lesion_fp@p", "n"] == 2
+    assert means.at["lesion_fp@p", "mean"] == pytest.approx(1.0)
 
 
 def test_summary_matches_hand_computation(summary):
@@ -124,7 +173,7 @@ def test_summary_std_is_nan_for_one_fold(metric_paths):
 
 
 def test_all_nan_group_is_kept_as_nan(tmp_path):
-    path = _write_csv(tmp_path / "h.csv", [NAN, NAN], [0.1, 0.2], has_lesion=[False, False])
+    path = _write_csv(tmp_path / "h.csv", [NAN, NAN], [NAN, NAN], has_lesion=[False, False])
     summary = summarise_over_folds(fold_means(collect_metrics({("m", 0, "d"): path})))
     dice = _row(summary, metric="dice@healthy_fpr_5")
     assert math.isnan(dice["mean"])
@@ -269,3 +318,46 @@ def test_collect_metrics_rejects_text_in_a_metric_column(tmp_path):
     pd.DataFrame({"subject": ["a"], "has_lesion": [True], "auprc": ["high"]}).to_csv(path)
     with pytest.raises(InputError, match=r"t\.csv.*auprc.*not numeric"):
         collect_metrics({("x", 0, "d"): path}, metrics=["auprc"])
+
+
+def test_main_table_note_under_the_table(summary):
+    note = "Lesion prevalence: brats 1.00 %."
+    tables = render_main_table(summary, INFO, note=note)
+    lines = tables["md"].rstrip("\n").splitlines()
+    assert lines[-1] == note and tables["md"].count(note) == 1
+    # under the table, after the blank line that ends a Markdown table
+    assert lines[-2] == "" and lines[-3].startswith("|")
+    tex = tables["tex"]
+    assert r"{\footnotesize Lesion prevalence: brats 1.00 \%.}" in tex
+    assert tex.index(r"\end{tabular}") < tex.index("footnotesize") < tex.index(r"\end{table}")
+    assert note not in tables["csv"]
+    for empty in (None, ""):
+        plain = render_main_table(summary, INFO, note=empty)
+        assert plain["md"] == main_table_markdown(summary, INFO)
+        assert "footnotesize" not in plain["tex"]
+
+
+def test_slice_counts_are_named_n_slices(tmp_path):
+    fold_df = pd.DataFrame(
+        {
+            "method": ["m", "m"],
+            "dataset": ["d", "d"],
+            "fold": [0, 1],
+            "metric": ["auprc", "auprc"],
+            "mean": [0.4, 0.6],
+            "n": [120, 118],
+        }
+    )
+    summary = summarise_over_folds(fold_df, count_name="n_slices")
+    assert "n_subjects" not in summary.columns and summary.at[0, "n_slices"] == 118
+    write_tables(summary, tmp_path, ["auprc"], INFO, main_metrics=None)
+    assert list(pd.read_csv(tmp_path / "auprc.csv").columns)[-1] == "n_slices"
+    with pytest.raises(ValueError, match="count_name"):
+        summarise_over_folds(fold_df, count_name="n")
+    with pytest.raises(InputError, match="count column"):
+        write_tables(summary.drop(columns="n_slices"), tmp_path, ["auprc"], INFO)
+
+
+def test_display_order():
+    assert display_order(pd.Series(["b", "a", "b", "c"]), None) == ["b", "a", "c"]
+    assert display_order(["b", "a", "c"], ["c", "x", "a"]) == ["c", "a", "b"]

@@ -11,23 +11,28 @@ from brainuad.errors import InputError
 from brainuad.methods import build_method
 from brainuad.provenance import seed_everything
 from brainuad.slices.hdf5 import SliceDataset, SliceWriter
+from brainuad.training.device import resolve_device
+from brainuad.training.fold import training_data_fingerprint
 from brainuad.training.loop import InfiniteShuffledBatches, TrainingRun, read_log, train
 
 
-@pytest.fixture(scope="module")
-def slices(tmp_path_factory):
+def write_slices(path, brightness: float = 0.5):
     """16 easy 32 × 32 slices: a disc with a smooth gradient, 2 subjects."""
-    path = tmp_path_factory.mktemp("data") / "slices.h5"
     size = 32
     yy, xx = np.mgrid[:size, :size]
     disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size * 0.4) ** 2
     with SliceWriter(path, sequences=["t2"], height=size, width=size) as writer:
         for s in range(2):
-            levels = [disc * (0.5 + 0.05 * i + 0.2 * yy / size) for i in range(8)]
+            levels = [disc * (brightness + 0.05 * i + 0.2 * yy / size) for i in range(8)]
             images = np.stack(levels)[:, None].astype(np.float32)
             mask = np.repeat(disc[None], 8, 0).astype(np.uint8)
             writer.append_subject(f"sub-{s}", images, mask, np.zeros_like(mask), np.arange(8))
     return path
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory):
+    return write_slices(tmp_path_factory.mktemp("data") / "slices.h5")
 
 
 def make_run(tmp_path, **overrides) -> TrainingRun:
@@ -160,6 +165,69 @@ def test_checkpoint_of_other_config_refused(slices, tmp_path):
         train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=4, seed=1))
 
 
+def test_finished_checkpoint_of_other_learning_rate_refused(slices, tmp_path):
+    """A finished run re-run with another learning rate must not return the old weights."""
+    dataset = SliceDataset(slices)
+    train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=2))
+    with pytest.raises(InputError, match=r"learning_rate=0\.001 .*delete the checkpoint") as info:
+        train(
+            fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=2, learning_rate=1e-2)
+        )
+    assert str(tmp_path / "ckpt.pt") in str(info.value)
+    # On CPU bf16 autocast is never used, so the mixed_precision setting changes nothing.
+    summary = train(
+        fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=2, mixed_precision=False)
+    )
+    assert summary["steps_run"] == 0 and summary["mixed_precision"] is False
+
+
+def test_checkpoint_of_other_training_data_refused(slices, tmp_path):
+    dataset = SliceDataset(slices)
+    fingerprint = training_data_fingerprint(dataset)
+    train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path), data_fingerprint=fingerprint)
+
+    fewer = SliceDataset(slices, subjects=["sub-0"])
+    with pytest.raises(InputError, match="train_slices=16 but this run has 8"):
+        train(fresh("ae", AE_TINY), fewer, None, make_run(tmp_path))
+
+    # Same subjects, rows and size, other pixels: only the fingerprint tells them apart.
+    rebuilt = SliceDataset(write_slices(tmp_path / "rebuilt.h5", brightness=0.4))
+    other = training_data_fingerprint(rebuilt)
+    assert other != fingerprint
+    with pytest.raises(InputError, match=r"data_fingerprint=.*delete the checkpoint"):
+        train(fresh("ae", AE_TINY), rebuilt, None, make_run(tmp_path), data_fingerprint=other)
+
+    again = train(
+        fresh("ae", AE_TINY), dataset, None, make_run(tmp_path), data_fingerprint=fingerprint
+    )
+    assert again["steps_run"] == 0 and again["data_fingerprint"] == fingerprint
+
+
+def test_training_data_fingerprint(slices, tmp_path):
+    copy = write_slices(tmp_path / "copy.h5")
+    assert training_data_fingerprint(SliceDataset(copy)) == training_data_fingerprint(
+        SliceDataset(slices)
+    )
+    rows = SliceDataset(slices, rows=np.arange(1, 16))
+    assert training_data_fingerprint(rows) != training_data_fingerprint(SliceDataset(slices))
+
+
+def test_scoring_hparams_do_not_invalidate_checkpoint(slices, tmp_path):
+    """ddpm's test_timestep and score_seed only affect scoring: a finished checkpoint is
+    reused, and the method keeps the new values (they go into the saved model)."""
+    dataset = SliceDataset(slices)
+    trained = fresh("ddpm", DDPM_TINY)
+    train(trained, dataset, None, make_run(tmp_path, max_steps=2))
+    rescored = fresh("ddpm", {**DDPM_TINY, "test_timestep": 250, "score_seed": 3}, seed=1)
+    summary = train(rescored, dataset, None, make_run(tmp_path, max_steps=2))
+    assert summary["steps_run"] == 0
+    assert rescored.hparams["test_timestep"] == 250 and rescored.hparams["score_seed"] == 3
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, rescored.state_dict()[key]), key
+    with pytest.raises(InputError, match="hparams"):
+        train(fresh("ddpm", {**DDPM_TINY, "loss": "l2"}), dataset, None, make_run(tmp_path))
+
+
 def test_checkpoint_contents(slices, tmp_path):
     dataset = SliceDataset(slices)
     run = make_run(tmp_path, max_steps=2, checkpoint_every=1)
@@ -167,7 +235,14 @@ def test_checkpoint_contents(slices, tmp_path):
     checkpoint = torch.load(run.checkpoint_path, weights_only=True)
     assert checkpoint["step"] == 2
     assert checkpoint["method"] == "ae"
-    assert checkpoint["data"] == {"seed": 7, "batch_size": 4, "samples_consumed": 8}
+    assert checkpoint["data"] == {
+        "seed": 7,
+        "batch_size": 4,
+        "samples_consumed": 8,
+        "train_slices": 16,
+        "fingerprint": None,
+    }
+    assert checkpoint["learning_rate"] == 1e-3 and checkpoint["mixed_precision"] is False
     assert {"model", "optimizer", "rng", "hparams", "elapsed_seconds"} <= set(checkpoint)
     assert {"torch", "numpy", "python"} <= set(checkpoint["rng"])
 
@@ -189,3 +264,14 @@ def test_sampler_resumes_mid_epoch():
 def test_training_run_validation(tmp_path, field, value):
     with pytest.raises(InputError, match=field):
         make_run(tmp_path, **{field: value})
+
+
+def test_training_run_device_checked_like_scoring(tmp_path):
+    """TrainingRun and resolve_device (scoring) accept and refuse the same names."""
+    assert make_run(tmp_path, device="cuda:1").device == "cuda:1"
+    with pytest.raises(InputError) as run_error:
+        make_run(tmp_path, device="gpu0")
+    with pytest.raises(InputError) as resolve_error:
+        resolve_device("gpu0")
+    assert str(run_error.value) == str(resolve_error.value)
+    assert "gpu0" in str(run_error.value)

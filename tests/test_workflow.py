@@ -121,8 +121,9 @@ FOLD1_AE = ("models", "scores", "calibration", "metrics")
 
 @pytest.mark.slow
 def test_deleted_fold_retrains_only_that_fold(tiny_study: Path) -> None:
-    """Delete one fold's model and what was made from it; asking for that fold's metrics
-    retrains that fold alone (other folds and methods are untouched)."""
+    """Delete one fold's model and what was made from it; a dry run for that fold's metrics
+    plans train_model and its downstream jobs for that fold alone (no other fold or method).
+    Only planning is checked: the planned job would resume from the surviving checkpoint."""
     results = tiny_study / "results"
     backup = tiny_study / "fold_backup"
     for stage in FOLD1_AE:
@@ -149,8 +150,9 @@ def test_deleted_fold_retrains_only_that_fold(tiny_study: Path) -> None:
 
 @pytest.mark.slow
 def test_forcerun_retrains_one_fold_with_outputs_in_place(tiny_study: Path) -> None:
-    """A deleted model whose downstream outputs still exist counts as an intermediate
-    file for Snakemake; --forcerun train_model on the fold's target retrains it alone."""
+    """With every output in place, a dry run with --forcerun train_model for one fold's
+    metrics plans one train_model job, that fold's (no other fold or method). Only
+    planning is checked: the planned job would resume from the surviving checkpoint."""
     result = snakemake(
         tiny_study, "-n", "--forcerun", "train_model", "--",
         "results/metrics/ddpm/fold0/synth_brats.csv",

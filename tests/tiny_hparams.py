@@ -1,5 +1,7 @@
 """Tiny hyperparameters per registered method, shared by the method, training and scoring
-tests (32 px inputs, a few thousand parameters). A new method adds its entry here."""
+tests (32 px inputs, a few thousand parameters). A new method adds its entry here: every
+registered method must have one (``test_every_method_has_tiny_hparams``), so no method
+slips past the contract test."""
 
 AE_TINY = {"channels": (8, 16), "strides": (2, 2), "num_res_units": 0}
 DDPM_TINY = {

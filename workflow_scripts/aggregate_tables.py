@@ -13,10 +13,11 @@ with rule_logging(snakemake.log[0]) as log:
         metric_paths=dict(zip(keys, snakemake.input.metrics, strict=True)),
         by_metric_dir=snakemake.output.by_metric,
         main_dir=os.path.dirname(snakemake.output.main_md),
-        default_protocol=params.evaluation.get("default_protocol", "healthy_fpr_5"),
+        default_protocol=params.default_protocol,
         method_order=params.methods,
         dataset_order=params.datasets,
         lesion_datasets=params.lesion_datasets,
+        prevalence_path=snakemake.output.prevalence,
         summary_paths=dict(zip(keys, snakemake.input.summaries, strict=True)),
     )
     log.info("wrote %d tables", len(paths))

@@ -8,18 +8,18 @@ from brainuad.io.atomic import write_text_atomic
 from brainuad.workflow import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
-    evaluation = snakemake.params.evaluation
-    inputs = snakemake.input
-    lesion_val = {
-        key.split("__", 1)[1]: (inputs[f"lesion_val_slices__{key.split('__', 1)[1]}"], path)
-        for key, path in inputs.items()
-        if key.startswith("lesion_val_scores__")
-    }
+    params, inputs = snakemake.params, snakemake.input
     record = calibrate_from_scores(
         healthy_val=[(inputs.healthy_val_slices, inputs.healthy_val_scores)],
-        lesion_val=lesion_val,
-        postprocess=PostprocessConfig.from_dict(snakemake.params.postprocess),
-        fprs=evaluation.get("healthy_fprs", [0.05, 0.01]),
+        lesion_val={
+            dataset: (
+                inputs[f"lesion_val_slices__{dataset}"],
+                inputs[f"lesion_val_scores__{dataset}"],
+            )
+            for dataset in params.lesion_datasets
+        },
+        postprocess=PostprocessConfig.from_dict(params.postprocess),
+        fprs=params.healthy_fprs,
     )
     write_text_atomic(snakemake.output[0], json.dumps(record, indent=2, default=str))
     for name, entry in record["thresholds"].items():

@@ -9,7 +9,6 @@ from brainuad.workflow import rule_logging
 with rule_logging(snakemake.log[0]):
     params = snakemake.params
     inputs, output = snakemake.input, snakemake.output
-    evaluation = params.evaluation
     by_run = list(product(params.methods, params.folds))
     by_dataset = list(product(params.methods, params.folds, params.datasets))
     build_figures(
@@ -21,10 +20,10 @@ with rule_logging(snakemake.log[0]):
         outputs={name: (output[f"{name}_png"], output[f"{name}_pdf"]) for name in params.figures},
         lesion_datasets=params.lesion_datasets,
         methods=params.methods,
-        default_protocol=evaluation.get("default_protocol", "healthy_fpr_5"),
+        default_protocol=params.default_protocol,
         postprocess={
             method: PostprocessConfig.from_dict(options)
             for method, options in params.postprocess.items()
         },
-        examples_per_dataset=evaluation.get("qualitative_examples_per_dataset", 2),
+        examples_per_dataset=params.examples_per_dataset,
     )

@@ -22,7 +22,6 @@ with rule_logging(snakemake.log[0], threads=snakemake.threads) as log:
         out_brainmask=snakemake.output.brainmask,
         out_seg=snakemake.output.seg,
         out_qc_png=snakemake.output.qc_png,
-        threads=snakemake.threads,
         **options,
     )
     record.update(dataset=snakemake.wildcards.dataset, subject=snakemake.wildcards.subject)

@@ -13,7 +13,6 @@ from brainuad.workflow import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
     params, inputs, wildcards = snakemake.params, snakemake.input, snakemake.wildcards
-    evaluation = params.evaluation
     fold = int(wildcards.fold)
     table, summary = evaluate_test_split(
         slice_path=inputs.slices,
@@ -21,7 +20,7 @@ with rule_logging(snakemake.log[0]) as log:
         threshold_record=json.loads(Path(inputs.thresholds).read_text()),
         dataset=wildcards.dataset,
         postprocess=PostprocessConfig.from_dict(params.postprocess),
-        image_score=evaluation.get("image_score", "max"),
+        image_score=params.image_score,
         spacing=slice_voxel_spacing(
             resolution_mm=params.resolution_mm,
             volume_shape=params.crop_shape,
@@ -31,8 +30,8 @@ with rule_logging(snakemake.log[0]) as log:
         healthy_train_subjects=subjects_in(
             read_splits(inputs.healthy_splits), fold=fold, split="train"
         ),
-        lpips_weights=evaluation.get("lpips_weights"),
-        inception_weights=evaluation.get("inception_weights"),
+        lpips_weights=inputs.get("lpips_weights"),
+        inception_weights=inputs.get("inception_weights"),
     )
     for name, entry in summary["feature_metrics"].items():
         if entry["skipped"]:
@@ -41,7 +40,7 @@ with rule_logging(snakemake.log[0]) as log:
         "method": wildcards.method,
         "fold": fold,
         **summary,
-        "provenance": provenance(params.study_config),
+        "provenance": provenance(snakemake.config),
     }
     with atomic_path(snakemake.output.table) as tmp:
         table.to_csv(tmp, index=False)

@@ -19,6 +19,8 @@ with rule_logging(snakemake.log[0], threads=snakemake.threads) as log:
         out_config=snakemake.output.run_config,
         seed=params.seed,
         device=params.device,
-        study_config=params.study_config,
+        # The whole config, for the record only: as a param it would make every config
+        # edit rerun training (Snakemake compares params to decide what to rerun).
+        study_config=snakemake.config,
     )
     log.info("training summary: %s", summary)

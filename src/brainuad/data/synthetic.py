@@ -2,7 +2,7 @@
 
 The default study runs on this cohort so that the whole workflow (ingest, preprocessing,
 training, scoring, metrics) can run anywhere, without downloading a dataset. Each subject is
-made from the MNI152 2009c template (:mod:`brainuad.data.template`) and is fully determined
+made from the MNI152 2009a template (:mod:`brainuad.data.template`) and is fully determined
 by its integer seed.
 
 Geometry and coordinate conventions:
@@ -103,7 +103,7 @@ _TEXTURE = {
     "stroke": 0.08,
 }  # fmt: skip
 
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2  # 2: a lesion no longer removes the CSF rim outside the brain
 _STREAM_GEOMETRY, _STREAM_HEAD, _STREAM_LESION, _STREAM_SEQUENCE = 0, 1, 2, 10
 _EDGE_MM = 1.0  # width of partial-volume ramps at tissue boundaries
 _DISPLACEMENT_CAP = 2.5  # displacement components never exceed 2.5 sigma
@@ -560,8 +560,13 @@ def _add_lesion(
             keep = ndimage.binary_dilation(parts == largest)
             classes = {name: q * keep for name, q in classes.items()}
             total = total * keep
-    for name in ("csf", "gm", "wm"):
-        tissue.fractions[name][box] *= 1.0 - total
+    # The lesion replaces brain tissue only: the CSF fraction also holds the rim outside the
+    # brain, which a tumour reaching past the surface must leave in place.
+    gm, wm, csf = (tissue.fractions[name][box] for name in ("gm", "wm", "csf"))
+    csf_in_brain = np.clip(brain - gm - wm, 0.0, None)
+    csf -= total * csf_in_brain
+    gm *= 1.0 - total
+    wm *= 1.0 - total
     for name, q in classes.items():
         full = np.zeros(grid.shape, dtype=np.float32)
         full[box] = q * brain
@@ -752,7 +757,7 @@ def generate_subject(
     metadata = {
         "generator": "brainuad.data.synthetic",
         "generator_version": _GENERATOR_VERSION,
-        "template": "MNI152 2009c (nilearn package data)",
+        "template": "MNI ICBM152 2009a nonlinear symmetric (nilearn package data)",
         "seed": seed,
         "lesion": lesion,
         "seg_labels": {str(k): v for k, v in SEG_LABELS[lesion].items()},

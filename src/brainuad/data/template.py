@@ -1,8 +1,9 @@
-"""The MNI152 2009c template that ships inside nilearn: anatomy source and registration target.
+"""The MNI152 2009a template that ships inside nilearn: anatomy source and registration target.
 
 nilearn carries, in its package folder ``nilearn/datasets/data/``, the skull-stripped
-MNI ICBM152 2009c (symmetric) T1 template and its grey- and white-matter probability maps
-(197 x 233 x 189 voxels, 1 mm isotropic, RAS, stored as 0-255). brainuad uses them twice:
+MNI ICBM152 2009a nonlinear symmetric T1 template and its grey- and white-matter probability
+maps (files ``mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``; 197 x 233 x 189
+voxels, 1 mm isotropic, RAS, stored as 0-255). brainuad uses them twice:
 the synthetic cohort (:mod:`brainuad.data.synthetic`) deforms them into subjects, and
 preprocessing registers every subject to the T1 and its brain mask. Nothing is downloaded:
 the files are read from the installed package, and their absence is an error.
@@ -34,7 +35,7 @@ _BRAIN_THRESHOLD = 1.0
 
 @dataclass(frozen=True, eq=False)
 class MNITemplate:
-    """The MNI152 2009c template on its own 1 mm RAS grid (arrays are read-only).
+    """The MNI152 2009a template on its own 1 mm RAS grid (arrays are read-only).
 
     Attributes:
         t1: T1 intensities, float32, skull-stripped, original scale 0-255.
@@ -54,7 +55,7 @@ class MNITemplate:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """Grid shape, ``(197, 233, 189)`` for the 2009c template."""
+        """Grid shape, ``(197, 233, 189)`` for the 2009a template."""
         return tuple(self.t1.shape)
 
 
@@ -73,14 +74,14 @@ def _template_file(kind: str) -> Path:
     path = template_dir() / _FILE_PATTERN.format(kind=kind)
     if not path.is_file():
         raise InputError(
-            f"{path}: MNI152 2009c {kind.upper()} template missing from the installed nilearn "
+            f"{path}: MNI152 2009a {kind.upper()} template missing from the installed nilearn "
             "package; reinstall nilearn==0.13.1 (brainuad never downloads it)"
         )
     return path
 
 
 def template_t1_path() -> Path:
-    """Path of the MNI152 2009c T1 file inside the installed nilearn package."""
+    """Path of the MNI152 2009a T1 file inside the installed nilearn package."""
     return _template_file("t1")
 
 
@@ -101,7 +102,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def load_mni_template() -> MNITemplate:
-    """Load the MNI152 2009c T1, tissue probabilities and brain mask (cached per process).
+    """Load the MNI152 2009a T1, tissue probabilities and brain mask (cached per process).
 
     Raises:
         InputError: naming the file if one of the template files is missing or unreadable,

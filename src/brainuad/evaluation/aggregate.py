@@ -32,13 +32,16 @@ from brainuad.evaluation.postprocess import (
 )
 from brainuad.evaluation.tables import (
     collect_metrics,
+    display_order,
     fold_means,
     infer_metric_info,
     summarise_over_folds,
     write_tables,
 )
 from brainuad.evaluation.volumes import iter_subject_volumes
-from brainuad.io.atomic import atomic_path, write_text_atomic
+from brainuad.io.atomic import atomic_path
+from brainuad.io.scores import ScoresFile
+from brainuad.slices.hdf5 import SliceFile
 
 Key3 = tuple[str, int, str]
 PathLike = str | os.PathLike
@@ -65,13 +68,15 @@ def build_tables(
     method_order: Sequence[str],
     dataset_order: Sequence[str],
     lesion_datasets: Sequence[str],
+    prevalence_path: PathLike,
     summary_paths: Mapping[Key3, PathLike] | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Mean ± std over folds of every known metric; one table per metric and a main table.
 
     The main table (Dice at the default protocol and AUPRC, like the cDDPM paper's) shows
-    the lesion cohorts; per-metric tables show every dataset (the healthy cohort's false-
-    positive rate is in ``fpr_at_<protocol>``).
+    the lesion cohorts, with their lesion prevalence (:func:`lesion_prevalence`, also
+    written to ``prevalence_path``) in a note; per-metric tables show every dataset (the
+    healthy cohort's false-positive rate is in ``fpr_at_<protocol>``).
 
     Returns:
         ``(summary, paths written)``; summary columns ``method, dataset, metric, mean, std,
@@ -95,9 +100,12 @@ def build_tables(
         dataset_order=dataset_order,
         main_out_dir=main_dir,
         main_datasets=lesion_datasets,
+        main_note=prevalence_note(prevalence, lesion_datasets, method_order),
     )
     if summary_paths:
-        slice_summary = summarise_over_folds(slice_level_fold_values(summary_paths))
+        slice_summary = summarise_over_folds(
+            slice_level_fold_values(summary_paths), count_name="n_slices"
+        )
         # Slice detection needs lesion slices: the healthy cohort has no positive class.
         slice_summary = slice_summary[slice_summary["dataset"].isin(list(lesion_datasets))]
         paths += write_tables(
@@ -109,21 +117,9 @@ def build_tables(
             method_order=method_order,
             dataset_order=lesion_datasets,
         )
-    main_md = Path(main_dir) / "main.md"
-    lines = [
-        f"{dataset} {100 * prevalence[dataset]:.2f} %"
-        for dataset in lesion_datasets
-        if dataset in prevalence
-    ]
-    note = (
-        "\n\nLesion prevalence (lesion fraction of the evaluated brain voxels of the test "
-        "subjects, the AUPRC of a random score): " + ", ".join(lines) + ".\n"
-    )
-    write_text_atomic(main_md, main_md.read_text().rstrip("\n") + note)
-    prevalence_csv = Path(main_dir) / "prevalence.csv"
-    with atomic_path(prevalence_csv) as tmp:
-        pd.Series(prevalence, name="lesion_prevalence").rename_axis("dataset").to_csv(tmp)
-    return summary, [*paths, prevalence_csv]
+    with atomic_path(prevalence_path) as tmp:
+        prevalence.to_csv(tmp, index=False)
+    return summary, [*paths, Path(prevalence_path)]
 
 
 SLICE_METRICS = ("slice_auroc", "slice_auprc")
@@ -131,7 +127,8 @@ SLICE_METRICS = ("slice_auroc", "slice_auprc")
 
 def slice_level_fold_values(summary_paths: Mapping[Key3, PathLike]) -> pd.DataFrame:
     """Slice-level detection metrics (from the metrics JSON summaries) as per-fold values,
-    in :func:`brainuad.evaluation.tables.fold_means`'s format."""
+    in :func:`brainuad.evaluation.tables.fold_means`'s format; ``n`` counts slices, so
+    summarise with ``count_name="n_slices"``."""
     rows = []
     for (method, fold, dataset), path in summary_paths.items():
         slice_level = json.loads(Path(path).read_text())["slice_level"]
@@ -150,17 +147,53 @@ def slice_level_fold_values(summary_paths: Mapping[Key3, PathLike]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def lesion_prevalence(long: pd.DataFrame) -> dict[str, float]:
-    """Pooled lesion fraction of the evaluated region per dataset (first fold's rows)."""
-    first_fold = long[long["fold"] == long["fold"].min()]
-    first_method = first_fold[first_fold["method"] == first_fold["method"].iloc[0]]
-    wide = first_method.pivot_table(
-        index=["dataset", "subject"], columns="metric", values="value", aggfunc="first"
+PREVALENCE_COLUMNS = ["dataset", "method", "lesion_prevalence"]
+
+
+def lesion_prevalence(long: pd.DataFrame) -> pd.DataFrame:
+    """Pooled lesion fraction of the evaluated region, per dataset and method.
+
+    The ground truth is the same for every method, but the evaluated region (the eroded
+    brain mask) follows each method's post-processing, so the fraction is computed per
+    method: lesion voxels over region voxels, summed over every fold's test subjects.
+
+    Returns:
+        Columns ``dataset, method, lesion_prevalence``; empty when the metric files lack
+        ``true_volume_voxels`` or ``region_voxels``.
+    """
+    counts = long[long["metric"].isin(["true_volume_voxels", "region_voxels"])]
+    if set(counts["metric"]) != {"true_volume_voxels", "region_voxels"}:
+        return pd.DataFrame(columns=PREVALENCE_COLUMNS)
+    totals = counts.pivot_table(
+        index=["dataset", "method"], columns="metric", values="value", aggfunc="sum", sort=False
     )
-    if not {"true_volume_voxels", "region_voxels"} <= set(wide.columns):
-        return {}
-    totals = wide.groupby(level="dataset")[["true_volume_voxels", "region_voxels"]].sum()
-    return (totals["true_volume_voxels"] / totals["region_voxels"]).to_dict()
+    totals["lesion_prevalence"] = totals["true_volume_voxels"] / totals["region_voxels"]
+    return totals.reset_index()[PREVALENCE_COLUMNS]
+
+
+def prevalence_note(
+    prevalence: pd.DataFrame, datasets: Sequence[str], method_order: Sequence[str]
+) -> str | None:
+    """One sentence naming each dataset's lesion prevalence (the AUPRC of a random score);
+    per method where methods' evaluated regions differ. None without any value."""
+    parts = []
+    for dataset in datasets:
+        rows = prevalence[prevalence["dataset"] == dataset]
+        if rows.empty:
+            continue
+        by_method = dict(zip(rows["method"], 100 * rows["lesion_prevalence"], strict=True))
+        shown = {method: f"{value:.2f} %" for method, value in by_method.items()}
+        if len(set(shown.values())) == 1:
+            parts.append(f"{dataset} {next(iter(shown.values()))}")
+        else:
+            ordered = display_order(by_method, method_order)
+            parts.append(f"{dataset} " + ", ".join(f"{shown[m]} ({m})" for m in ordered))
+    if not parts:
+        return None
+    return (
+        "Lesion prevalence (lesion fraction of the evaluated brain voxels of the test "
+        "subjects, the AUPRC of a random score): " + "; ".join(parts) + "."
+    )
 
 
 def _threshold(threshold_path: PathLike, dataset: str, protocol: str) -> float:
@@ -190,6 +223,30 @@ def pooled_pr_curve(
     return pr_curve_from_arrays(np.concatenate(scores), all_labels)
 
 
+def largest_lesion_slices(
+    slice_path: PathLike, scores_path: PathLike, n_slices: int
+) -> list[tuple[str, int]]:
+    """``(subject, slice_index)`` of the ``n_slices`` scored slices with the largest lesion
+    area, largest first (ties: subject, then slice index). Reads only the segmentations of
+    the scored slices labelled as lesion slices."""
+    slices = SliceFile(slice_path)
+    rows = np.unique(ScoresFile(scores_path).rows)
+    rows = rows[slices.labels[rows] > 0]
+    if rows.size == 0:
+        return []
+    try:  # increasing unique rows, as h5py's fancy indexing needs; nothing but 'seg' is read
+        areas = (slices.file["seg"][rows] > 0).sum(axis=(1, 2))
+    finally:
+        slices.close()
+    ranked = sorted(
+        (-int(area), str(subject), int(index))
+        for area, subject, index in zip(
+            areas, slices.subjects[rows], slices.slice_indices[rows], strict=True
+        )
+    )
+    return [(subject, index) for _, subject, index in ranked[:n_slices]]
+
+
 def qualitative_examples(
     *,
     dataset: str,
@@ -202,31 +259,31 @@ def qualitative_examples(
     n_examples: int,
 ) -> list[dict[str, Any]]:
     """Fixed example slices of ``dataset``: the test slices with the largest lesion area
-    (ties to the first subject and slice), shown for every method.
+    (ties to the first subject and slice in sort order), shown for every method.
 
-    The choice depends on the ground truth only, so every method shows the same slices.
+    The choice depends on the ground truth only, so every method shows the same slices: the
+    lesion areas come from the slice file's segmentations of the scored (test) rows, and
+    only the chosen subjects' volumes are assembled for each method (whole volumes, as
+    post-processing is 3D).
     """
-    first = scores_paths[methods[0]]
-    candidates = []
-    for volume in iter_subject_volumes(slice_path, first):
-        areas = volume.seg.reshape(volume.seg.shape[0], -1).sum(axis=1)
-        for position in np.argsort(-areas, kind="stable")[:n_examples]:
-            candidates.append((-int(areas[position]), volume.subject, int(position)))
-    chosen = sorted(candidates)[:n_examples]
+    chosen = largest_lesion_slices(slice_path, scores_paths[methods[0]], n_examples)
+    subjects = {subject for subject, _ in chosen}
     examples = []
     for method in methods:
         threshold = _threshold(threshold_paths[method], dataset, protocol)
-        wanted = {(subject, position) for _, subject, position in chosen}
+        cfg = postprocess[method]
         for volume in iter_subject_volumes(
-            slice_path, scores_paths[method], with_images=True, with_reconstruction=True
+            slice_path,
+            scores_paths[method],
+            with_images=True,
+            with_reconstruction=True,
+            subjects=subjects,
         ):
-            positions = [p for s, p in wanted if s == volume.subject]
-            if not positions:
-                continue
-            cfg = postprocess[method]
+            indices = [index for subject, index in chosen if subject == volume.subject]
+            positions = np.flatnonzero(np.isin(volume.slice_index, indices))
             processed = postprocess_map(volume.anomaly_map, volume.brainmask, cfg)
             binary = binarise(processed, threshold, cfg)
-            for position in sorted(positions):
+            for position in positions:
                 reconstruction = volume.reconstruction
                 examples.append(
                     {

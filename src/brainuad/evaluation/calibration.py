@@ -22,21 +22,23 @@ healthy value t with #{v > t} ≤ k. Without ties exactly k voxels are flagged; 
 threshold flag fewer, never more. (cDDPM's ``roc_curve`` choice is the first threshold whose
 FPR exceeds the target, i.e. slightly more than the target.)
 
-Nothing here reads files: the functions see only the arrays they are given. The orchestration
-in :mod:`brainuad.evaluation.evaluate` passes validation scores only.
+Nothing here reads files: the functions see only the arrays they are given, and record the
+scores files and splits the caller says they came from. The orchestration in
+:mod:`brainuad.evaluation.evaluate` reads each file's ``split`` attribute and refuses any
+file that is not a validation split.
 
 A ``threshold.json`` holds several protocols::
 
     {"thresholds": {"healthy_fpr_5": {...}, "healthy_fpr_1": {...},
                     "best_dice_val/brats21": {...}}, "provenance": {...}}
 
-each entry as returned by :func:`calibrate`.
+each entry as returned by :func:`calibrate`; :func:`threshold_entries` reads either form.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -135,6 +137,8 @@ def calibrate(
     subjects: Sequence[str],
     dataset: str | Sequence[str],
     postprocess: PostprocessConfig,
+    splits: Sequence[str],
+    scores_files: Sequence[str],
     segs: Sequence[np.ndarray] | None = None,
     target_fpr: float | None = None,
     n_candidates: int | None = None,
@@ -149,12 +153,20 @@ def calibrate(
         dataset: dataset name(s) of the validation data, recorded.
         postprocess: the post-processing that made ``maps``, recorded so that metrics can
             refuse a threshold made under other post-processing.
+        splits: the ``split`` attribute of each scores file behind ``maps``, as read (the
+            caller checks them); recorded, and ``uses_test_data`` is derived from them.
+        scores_files: the scores files behind ``maps``, recorded.
         segs: lesion masks (``best_dice_val`` only).
         target_fpr: flagged fraction (``healthy_fpr`` only).
         n_candidates: see :func:`threshold_best_dice`.
     """
     if len(subjects) != len(maps):
         raise ValueError(f"{len(maps)} maps but {len(subjects)} subjects")
+    if len(splits) != len(scores_files) or not scores_files:
+        raise ValueError(
+            f"expected one split per scores file, got {len(splits)} splits for "
+            f"{len(scores_files)} files"
+        )
     record: dict[str, Any] = {"protocol": protocol, "target_fpr": None}
     if protocol == "healthy_fpr":
         if target_fpr is None:
@@ -176,23 +188,30 @@ def calibrate(
         uses_pixel_labels = True
     else:
         raise ValueError(f"protocol: expected healthy_fpr or best_dice_val, got {protocol!r}")
+    distinct_splits = sorted({str(split) for split in splits})
     record["chosen_on"] = {
         "dataset": dataset if isinstance(dataset, str) else list(dataset),
-        "split": "val",
+        "split": distinct_splits[0] if len(distinct_splits) == 1 else distinct_splits,
+        "scores_files": [str(path) for path in scores_files],
         "subjects": [str(s) for s in subjects],
         "n_voxels": n,
         "uses_pixel_labels": uses_pixel_labels,
-        "uses_test_data": False,
+        "uses_test_data": "test" in distinct_splits,
     }
     record["postprocess"] = postprocess.to_dict()
     record["provenance"] = provenance()
     return record
 
 
-def threshold_values(thresholds: dict[str, Any]) -> dict[str, float]:
-    """Protocol name -> threshold, from a ``threshold.json`` dict, its ``thresholds`` part,
-    or a plain ``{name: float}`` mapping."""
-    entries = thresholds.get("thresholds", thresholds)
+def threshold_entries(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Protocol name -> entry, from a whole ``threshold.json`` dict or its ``thresholds`` part
+    (or a plain ``{name: float}`` mapping, returned as is)."""
+    return record.get("thresholds", record)
+
+
+def threshold_values(thresholds: Mapping[str, Any]) -> dict[str, float]:
+    """Protocol name -> threshold, from anything :func:`threshold_entries` reads."""
+    entries = threshold_entries(thresholds)
     out = {}
     for name, entry in entries.items():
         out[name] = float(entry["threshold"] if isinstance(entry, dict) else entry)

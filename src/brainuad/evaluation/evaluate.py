@@ -19,6 +19,8 @@ auroc, auprc                             voxel-wise, threshold-free
 oracle_dice, oracle_threshold            best Dice over thresholds on this volume (ORACLE:
                                          chosen with its test labels; an upper bound only)
 dice@<p>, hd95@<p>                       at the protocol's threshold, after post-processing
+                                         (NaN without lesion voxels, as lesion_precision,
+                                         lesion_recall and lesion_f1)
 fpr@<p>                                  flagged fraction of non-lesion region voxels
 pred_volume_voxels@<p>, pred_volume_ml@<p>
 lesion_tp@<p>, lesion_fp@<p>, lesion_fn@<p>, lesion_precision@<p>, lesion_recall@<p>,
@@ -35,13 +37,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from brainuad.errors import InputError
-from brainuad.evaluation.calibration import calibrate, protocol_name, threshold_values
+from brainuad.evaluation.calibration import (
+    calibrate,
+    protocol_name,
+    threshold_entries,
+    threshold_values,
+)
 from brainuad.evaluation.metrics import (
     ImageScore,
     reconstruction_quality,
@@ -63,24 +70,42 @@ def _dataset_name(scores: ScoresFile, slices: SliceFile) -> str:
     return str(scores.attrs.get("dataset", slices.path.stem))
 
 
-def _require_val(scores: ScoresFile) -> None:
-    split = scores.attrs.get("split")
-    if split is not None and split != "val":
+def _require_val(scores: ScoresFile) -> str:
+    """The scores file's ``split`` attribute, which must say ``val``: a file that does not
+    say where its subjects come from could be a test split."""
+    if "split" not in scores.attrs:
+        raise InputError(
+            f"{scores.path}: no attribute 'split'; calibration takes scores files whose "
+            "'split' is 'val' only"
+        )
+    split = scores.attrs["split"]
+    if split != "val":
         raise InputError(
             f"{scores.path}: attribute 'split' is {split!r}; calibration takes 'val' scores only"
         )
+    return str(split)
 
 
-def _load_val(pair: PathPair, cfg: PostprocessConfig):
+class _Validation(NamedTuple):
+    dataset: str
+    split: str
+    scores_file: str
+    subjects: list[str]
+    maps: list[np.ndarray]
+    masks: list[np.ndarray]
+    segs: list[np.ndarray]
+
+
+def _load_val(pair: PathPair, cfg: PostprocessConfig) -> _Validation:
     slices, scores = SliceFile(pair[0]), ScoresFile(pair[1])
-    _require_val(scores)
-    maps, masks, segs, subjects = [], [], [], []
+    split = _require_val(scores)
+    val = _Validation(_dataset_name(scores, slices), split, str(scores.path), [], [], [], [])
     for vol in iter_subject_volumes(slices, scores):
-        maps.append(postprocess_map(vol.anomaly_map, vol.brainmask, cfg))
-        masks.append(erode_brainmask(vol.brainmask, cfg))
-        segs.append(vol.seg)
-        subjects.append(vol.subject)
-    return _dataset_name(scores, slices), subjects, maps, masks, segs
+        val.maps.append(postprocess_map(vol.anomaly_map, vol.brainmask, cfg))
+        val.masks.append(erode_brainmask(vol.brainmask, cfg))
+        val.segs.append(vol.seg)
+        val.subjects.append(vol.subject)
+    return val
 
 
 def calibrate_from_scores(
@@ -102,24 +127,29 @@ def calibrate_from_scores(
         fprs: target healthy false-positive fractions.
         n_candidates: threshold candidates for best Dice (None: exact).
 
+    Each protocol records the scores files it used and their ``split`` attributes.
+
     Raises:
-        InputError: a scores file whose ``split`` attribute is not ``val``, or a healthy
-            validation subject with lesion voxels.
+        InputError: a scores file without a ``split`` attribute or whose ``split`` is not
+            ``val``, or a healthy validation subject with lesion voxels.
     """
     thresholds: dict[str, Any] = {}
     if healthy_val:
-        datasets, subjects, maps, masks = [], [], [], []
+        datasets, splits, files, subjects, maps, masks = [], [], [], [], [], []
         for pair in healthy_val:
-            name, subs, m, b, segs = _load_val(pair, postprocess)
-            sick = [s for s, g in zip(subs, segs, strict=True) if g.any()]
+            val = _load_val(pair, postprocess)
+            sick = [s for s, g in zip(val.subjects, val.segs, strict=True) if g.any()]
             if sick:
                 raise InputError(
                     f"{pair[1]}: healthy validation subjects with lesion voxels: {sick[:5]}"
                 )
-            datasets.append(name)
-            subjects += [f"{name}/{s}" for s in subs] if len(healthy_val) > 1 else subs
-            maps += m
-            masks += b
+            datasets.append(val.dataset)
+            splits.append(val.split)
+            files.append(val.scores_file)
+            names = val.subjects
+            subjects += [f"{val.dataset}/{s}" for s in names] if len(healthy_val) > 1 else names
+            maps += val.maps
+            masks += val.masks
         for fpr in fprs:
             thresholds[protocol_name("healthy_fpr", target_fpr=fpr)] = calibrate(
                 "healthy_fpr",
@@ -128,19 +158,23 @@ def calibrate_from_scores(
                 subjects=subjects,
                 dataset=datasets[0] if len(datasets) == 1 else datasets,
                 postprocess=postprocess,
+                splits=splits,
+                scores_files=files,
                 target_fpr=fpr,
             )
-        del maps, masks
+        del maps, masks, val
     for dataset, pair in lesion_val.items():
-        _, subs, maps, masks, segs = _load_val(pair, postprocess)
+        val = _load_val(pair, postprocess)
         thresholds[protocol_name("best_dice_val", dataset=dataset)] = calibrate(
             "best_dice_val",
-            maps=maps,
-            brainmasks=masks,
-            segs=segs,
-            subjects=subs,
+            maps=val.maps,
+            brainmasks=val.masks,
+            segs=val.segs,
+            subjects=val.subjects,
             dataset=dataset,
             postprocess=postprocess,
+            splits=[val.split],
+            scores_files=[val.scores_file],
             n_candidates=n_candidates,
         )
     return {
@@ -150,8 +184,7 @@ def calibrate_from_scores(
 
 
 def _check_postprocess(thresholds: Mapping[str, Any], cfg: PostprocessConfig) -> None:
-    entries = thresholds.get("thresholds", thresholds)
-    for name, entry in entries.items():
+    for name, entry in threshold_entries(thresholds).items():
         recorded = entry.get("postprocess") if isinstance(entry, dict) else None
         if recorded is not None and PostprocessConfig.from_dict(recorded) != cfg:
             raise InputError(
@@ -185,7 +218,7 @@ def subject_metrics_table(
         scored slices with the ``image_score`` used.
     """
     _check_postprocess(thresholds, postprocess)
-    values = threshold_values(dict(thresholds))
+    values = threshold_values(thresholds)
     slices, scores = SliceFile(slice_path), ScoresFile(scores_path)
     rows: list[dict[str, Any]] = []
     all_scores, all_labels = [], []
@@ -239,9 +272,8 @@ def thresholds_for_dataset(record: Mapping[str, Any], dataset: str) -> dict[str,
     applies only to the dataset it was chosen on and is returned as ``best_dice_val``, so
     every dataset's table has the same column names.
     """
-    entries = record.get("thresholds", record)
     selected: dict[str, Any] = {}
-    for name, entry in entries.items():
+    for name, entry in threshold_entries(record).items():
         protocol, _, chosen_on = name.partition("/")
         if not chosen_on:
             selected[name] = entry

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve
 
 from brainuad.errors import InputError
+from brainuad.evaluation.tables import display_order
 from brainuad.io.atomic import atomic_path
 
 PNG_DPI = 200
@@ -31,13 +32,6 @@ def save_figure(fig: Figure, out_png: str | os.PathLike, out_pdf: str | os.PathL
     for path, fmt in ((out_png, "png"), (out_pdf, "pdf")):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
-
-
-def _order(values: Sequence[Any], preferred: Sequence[str] | None) -> list[str]:
-    present = list(dict.fromkeys(str(v) for v in values))
-    if preferred is None:
-        return present
-    return [v for v in preferred if v in present] + [v for v in present if v not in preferred]
 
 
 def method_palette(methods: Sequence[str]) -> dict[str, tuple[float, float, float]]:
@@ -81,8 +75,8 @@ def plot_subject_dice_boxplots(
     per_subject = rows.groupby(["method", "dataset", "subject"], sort=False, as_index=False)[
         "value"
     ].mean()
-    methods = _order(per_subject["method"], method_order)
-    datasets = _order(per_subject["dataset"], dataset_order)
+    methods = display_order(per_subject["method"], method_order)
+    datasets = display_order(per_subject["dataset"], dataset_order)
     palette = method_palette(methods)
 
     fig = Figure(figsize=(1.6 + 1.1 * len(datasets) * max(len(methods), 2) / 2, 4.0))
@@ -161,8 +155,8 @@ def plot_precision_recall(
     """
     if not curves:
         raise InputError("plot_precision_recall: no curves given")
-    methods = _order([method for method, _ in curves], method_order)
-    datasets = _order([dataset for _, dataset in curves], dataset_order)
+    methods = display_order([method for method, _ in curves], method_order)
+    datasets = display_order([dataset for _, dataset in curves], dataset_order)
     palette = method_palette(methods)
 
     fig = Figure(figsize=(3.2 * len(datasets) + 1.4, 3.4))
@@ -347,7 +341,7 @@ def plot_training_curves(
     data = pd.concat(frames, ignore_index=True).dropna(subset=["loss"])
     if data.empty:
         raise InputError("plot_training_curves: every loss value is NaN")
-    methods = _order(data["method"], method_order)
+    methods = display_order(data["method"], method_order)
     folds = sorted(data["fold"].unique(), key=lambda f: (len(f), f))
     log_scale = bool((data["loss"] > 0).all())
 

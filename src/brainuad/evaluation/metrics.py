@@ -27,6 +27,12 @@ Conventions (chosen here, stated once):
 - FPR: flagged voxels among region voxels without lesion (on a healthy subject, the flagged
   fraction of the brain). Counted after the full binarisation (components removed), so it is
   at most the calibrated target.
+- Per subject (:func:`subject_volume_metrics`), the lesion-conditional metrics (Dice, HD95,
+  lesion precision, recall and F1) are NaN for a subject without lesion voxels in the region,
+  whatever is flagged: otherwise a lesion-free subject scores 0 when anything is flagged and
+  NaN when nothing is, so a mean over subjects would count only the lesion-free subjects a
+  method flags, a different set per method. Such subjects are described by FPR, false-positive
+  lesions and predicted volume instead.
 - Slice-level detection: a slice's score is a statistic (``max``, ``mean``, ``p99``) of the
   post-processed map inside the evaluated region of that slice (0 for a slice whose region is
   empty, as cDDPM); the truth is the slice label of the slice file.
@@ -53,11 +59,13 @@ from skimage.metrics import structural_similarity
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from brainuad.errors import InputError
-from brainuad.evaluation.postprocess import PostprocessConfig, binarise
+from brainuad.evaluation.postprocess import CONNECTIVITY_26, PostprocessConfig, binarise
 
 ImageScore = Literal["max", "mean", "p99"]
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 _NAN = float("nan")
+
+LESION_CONDITIONAL_METRICS = ("dice", "hd95", "lesion_precision", "lesion_recall", "lesion_f1")
+"""Per-protocol metrics defined only for a subject with lesion voxels (NaN otherwise)."""
 
 
 # --- voxel-wise ------------------------------------------------------------------------
@@ -158,8 +166,8 @@ def lesion_detection(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     """Lesion-wise TP, FP, FN, precision, recall and F1 (26-connected 3D components)."""
     p = np.asarray(pred, dtype=bool)
     g = np.asarray(gt, dtype=bool)
-    gt_labels, n_gt = ndimage.label(g, structure=_CONNECTIVITY_26)
-    pred_labels, n_pred = ndimage.label(p, structure=_CONNECTIVITY_26)
+    gt_labels, n_gt = ndimage.label(g, structure=CONNECTIVITY_26)
+    pred_labels, n_pred = ndimage.label(p, structure=CONNECTIVITY_26)
     tp = np.unique(gt_labels[p & g]).size
     fp = n_pred - np.unique(pred_labels[p & g]).size
     fn = n_gt - tp
@@ -214,7 +222,9 @@ def subject_volume_metrics(
         Columns ``has_lesion, region_voxels, true_volume_voxels, true_volume_ml, auroc,
         auprc, oracle_dice, oracle_threshold`` and, per protocol p, ``dice@p, hd95@p,
         fpr@p, pred_volume_voxels@p, pred_volume_ml@p, lesion_tp@p, lesion_fp@p,
-        lesion_fn@p, lesion_precision@p, lesion_recall@p, lesion_f1@p``.
+        lesion_fn@p, lesion_precision@p, lesion_recall@p, lesion_f1@p``. Without lesion
+        voxels in the region, the :data:`LESION_CONDITIONAL_METRICS` columns and the
+        threshold-free ``auroc, auprc, oracle_dice`` are NaN.
     """
     region = np.asarray(region, dtype=bool)
     gt = np.asarray(lesion, dtype=bool) & region
@@ -243,6 +253,9 @@ def subject_volume_metrics(
         row[f"pred_volume_ml@{name}"] = pred_voxels * ml
         for key, value in lesion_detection(pred, gt).items():
             row[f"{key}@{name}"] = value
+        if not true_voxels:  # module doc: undefined without a lesion, not 0
+            for key in LESION_CONDITIONAL_METRICS:
+                row[f"{key}@{name}"] = _NAN
     return row
 
 

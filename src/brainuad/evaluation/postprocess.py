@@ -28,7 +28,8 @@ from scipy import ndimage
 
 # 2D cross in-plane, nothing across slices: a 3D erosion with it is a per-slice 2D erosion.
 _INPLANE_CROSS = ndimage.generate_binary_structure(2, 1)[None]
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+"""26-connectivity in 3D: components and lesions everywhere in evaluation use it."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def remove_small_components(binary: np.ndarray, max_voxels: int) -> np.ndarray:
     binary = np.asarray(binary, dtype=bool)
     if max_voxels <= 0 or not binary.any():
         return binary
-    labels, n = ndimage.label(binary, structure=_CONNECTIVITY_26)
+    labels, n = ndimage.label(binary, structure=CONNECTIVITY_26)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     # Components of fewer than 26 voxels cannot enclose a hole: drop them at once and fill
     # holes only for the larger ones left to decide.
@@ -133,7 +134,7 @@ def remove_small_components(binary: np.ndarray, max_voxels: int) -> np.ndarray:
     for lab in undecided[undecided > 0]:
         box = boxes[lab - 1]
         region = labels[box] == lab
-        filled = ndimage.binary_fill_holes(region, structure=_CONNECTIVITY_26)
+        filled = ndimage.binary_fill_holes(region, structure=CONNECTIVITY_26)
         drop[lab] = filled.sum() <= max_voxels
     return binary & ~drop[labels]
 

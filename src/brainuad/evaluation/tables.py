@@ -4,8 +4,9 @@ The pipeline is three pure steps and one writer:
 
 1. :func:`collect_metrics` reads ``results/metrics/{method}/fold{fold}/{dataset}.csv`` files
    into one long frame, one row per (method, fold, dataset, subject, metric).
-2. :func:`fold_means` averages over subjects within each fold (NaN-aware: healthy test
-   subjects have NaN lesion metrics and are left out, ``n`` counts the subjects used).
+2. :func:`fold_means` averages over subjects within each fold (NaN-aware: test subjects
+   without a lesion have NaN lesion metrics, such as Dice, and are left out; ``n`` counts
+   the subjects used).
 3. :func:`summarise_over_folds` gives mean and sample standard deviation (ddof=1) of the
    fold means, so the spread is between training runs, not between subjects.
 4. :func:`write_tables` renders one method × dataset table per metric plus the headline
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +42,9 @@ DEFAULT_MAIN_METRICS = ("dice@healthy_fpr_5", "auprc")
 
 MISSING_CELL = "–"
 """Shown where a method has no result on a dataset."""
+
+COUNT_COLUMNS = ("n_subjects", "n_slices")
+"""What a summary's count column may be called: subjects, or slices for slice-level metrics."""
 
 
 class MetricInfo(NamedTuple):
@@ -80,10 +84,6 @@ _KNOWN_METRICS: dict[str, MetricInfo] = {
     "auroc": MetricInfo("AUROC", True, None, False),
     "hd95": MetricInfo("HD95", False, None, False, is_fraction=False, unit="mm"),
     "fpr": MetricInfo("FPR", False, None, False),
-    "tpr": MetricInfo("TPR", True, None, False),
-    "precision": MetricInfo("Precision", True, None, False),
-    "recall": MetricInfo("Recall", True, None, False),
-    "lesion_tpr": MetricInfo("Lesion TPR", True, None, False),
     "lesion_tp": MetricInfo("Detected lesions", True, None, False, is_fraction=False),
     "lesion_fp": MetricInfo("False-positive lesions", False, None, False, is_fraction=False),
     "slice_auroc": MetricInfo("Slice AUROC", True, None, False),
@@ -214,7 +214,8 @@ def fold_means(long_df: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         Columns ``method, dataset, fold, metric, mean, n``; ``n`` is the number of subjects
-        with a value (healthy subjects' NaN Dice are not counted). ``mean`` is NaN where
+        with a value (subjects without a lesion have NaN Dice and other lesion metrics, see
+        :mod:`brainuad.evaluation.metrics`, and are not counted). ``mean`` is NaN where
         ``n`` is 0.
     """
     keys = ["method", "dataset", "fold", "metric"]
@@ -225,15 +226,22 @@ def fold_means(long_df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def summarise_over_folds(fold_df: pd.DataFrame) -> pd.DataFrame:
+def summarise_over_folds(fold_df: pd.DataFrame, count_name: str = "n_subjects") -> pd.DataFrame:
     """Mean and sample standard deviation (ddof=1) of the fold means.
 
     Folds whose mean is NaN are left out. ``std`` is NaN when fewer than two folds remain.
 
+    Args:
+        fold_df: per-fold values, as from :func:`fold_means`.
+        count_name: name of the count column, one of :data:`COUNT_COLUMNS`: what ``n``
+            of ``fold_df`` counts.
+
     Returns:
-        Columns ``method, dataset, metric, mean, std, n_folds, n_subjects``; ``n_subjects``
-        is the smallest per-fold subject count.
+        Columns ``method, dataset, metric, mean, std, n_folds`` and ``count_name``, the
+        smallest per-fold count.
     """
+    if count_name not in COUNT_COLUMNS:
+        raise ValueError(f"count_name: expected one of {COUNT_COLUMNS}, got {count_name!r}")
     keys = ["method", "dataset", "metric"]
     _require_columns(fold_df, [*keys, "fold", "mean", "n"], "summarise_over_folds: fold_df")
     valid = fold_df[fold_df["mean"].notna()]
@@ -242,13 +250,13 @@ def summarise_over_folds(fold_df: pd.DataFrame) -> pd.DataFrame:
         mean=("mean", "mean"),
         std=("mean", "std"),  # ddof=1: NaN for a single fold
         n_folds=("mean", "count"),
-        n_subjects=("n", "min"),
+        **{count_name: ("n", "min")},
     ).reset_index()
     # groups whose every fold is NaN vanish above; keep them as NaN rows
     all_keys = fold_df[keys].drop_duplicates()
     out = all_keys.merge(out, on=keys, how="left")
     out["n_folds"] = out["n_folds"].fillna(0).astype(int)
-    out["n_subjects"] = out["n_subjects"].fillna(0).astype(int)
+    out[count_name] = out[count_name].fillna(0).astype(int)
     return out.reset_index(drop=True)
 
 
@@ -256,6 +264,16 @@ def _require_columns(frame: pd.DataFrame, columns: Sequence[str], where: str) ->
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise InputError(f"{where}: missing column(s) {missing}; has {list(frame.columns)}")
+
+
+def _count_column(summary: pd.DataFrame, where: str) -> str:
+    present = [column for column in COUNT_COLUMNS if column in summary.columns]
+    if len(present) != 1:
+        raise InputError(
+            f"{where}: expected exactly one count column of {list(COUNT_COLUMNS)}; has "
+            f"{list(summary.columns)}"
+        )
+    return present[0]
 
 
 # --------------------------------------------------------------------------- formatting
@@ -274,8 +292,11 @@ class _Cell(NamedTuple):
         return f"{self.mean:.{decimals}f} ± {self.std:.{decimals}f}"
 
 
-def _order(values: pd.Series, preferred: Sequence[str] | None) -> list[str]:
-    present = list(dict.fromkeys(values.astype(str)))
+def display_order(values: Iterable[object], preferred: Sequence[str] | None) -> list[str]:
+    """The distinct ``values`` as strings: those in ``preferred`` first, in its order, then
+    the rest in order of first appearance. Tables and figures order methods and datasets
+    with it."""
+    present = list(dict.fromkeys(str(v) for v in values))
     if preferred is None:
         return present
     return [v for v in preferred if v in present] + [v for v in present if v not in preferred]
@@ -402,8 +423,15 @@ def _tex_cell(cell: _Cell, decimals: int) -> str:
 
 
 def _tex_table(
-    caption: str, label: str, header_lines: list[str], body: list[list[str]], n_columns: int
+    caption: str,
+    label: str,
+    header_lines: list[str],
+    body: list[list[str]],
+    n_columns: int,
+    note: str | None = None,
 ) -> str:
+    # a note goes under the tabular, inside the float, so it moves with the table
+    note_lines = [r"\par\smallskip", rf"{{\footnotesize {latex_escape(note)}}}"] if note else []
     lines = [
         r"\begin{table}[t]",
         r"\centering",
@@ -416,6 +444,7 @@ def _tex_table(
         *[" & ".join(row) + r" \\" for row in body],
         r"\bottomrule",
         r"\end{tabular}",
+        *note_lines,
         r"\end{table}",
     ]
     return "\n".join(lines) + "\n"
@@ -439,7 +468,8 @@ def _names(values: list[str], names: Mapping[str, str] | None) -> list[str]:
 
 def _csv_rows(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     rows = summary[summary["metric"].isin(list(metrics))]
-    columns = ["method", "dataset", "metric", "mean", "std", "n_folds", "n_subjects"]
+    count = _count_column(summary, "summary")
+    columns = ["method", "dataset", "metric", "mean", "std", "n_folds", count]
     return rows[columns].reset_index(drop=True)
 
 
@@ -458,8 +488,8 @@ def render_metric_table(
     rows = summary[summary["metric"] == metric]
     if rows.empty:
         raise InputError(f"summary has no rows for metric {metric!r}")
-    methods = _order(rows["method"], method_order)
-    datasets = _order(rows["dataset"], dataset_order)
+    methods = display_order(rows["method"], method_order)
+    datasets = display_order(rows["dataset"], dataset_order)
     columns = [_cells(summary, metric, info, methods, dataset) for dataset in datasets]
     caption = _caption(rows, [info], _metric_title(info))
     method_labels = _names(methods, method_names)
@@ -497,8 +527,13 @@ def render_main_table(
     dataset_order: Sequence[str] | None = None,
     method_names: Mapping[str, str] | None = None,
     dataset_names: Mapping[str, str] | None = None,
+    note: str | None = None,
 ) -> dict[str, str]:
     """The headline table: rows = methods, columns = dataset × ``main_metrics``.
+
+    ``note`` (e.g. the lesion prevalence, the AUPRC of a random score) is a line under the
+    Markdown table and a footnote-size line under the LaTeX tabular; the CSV omits it, and
+    an empty note is left out.
 
     Returns ``{"md": ..., "tex": ..., "csv": ...}``.
     """
@@ -512,8 +547,8 @@ def render_main_table(
         )
     infos = [_as_metric_info(metric, metric_info) for metric in main_metrics]
     rows = summary[summary["metric"].isin(list(main_metrics))]
-    methods = _order(rows["method"], method_order)
-    datasets = _order(rows["dataset"], dataset_order)
+    methods = display_order(rows["method"], method_order)
+    datasets = display_order(rows["dataset"], dataset_order)
     columns = [
         (info, _cells(summary, metric, info, methods, dataset))
         for dataset in datasets
@@ -532,6 +567,8 @@ def render_main_table(
         for i, label in enumerate(method_labels)
     ]
     markdown = f"**Table: {_md_escape(caption)}**\n\n" + _md_table(md_header, md_body)
+    if note:
+        markdown += f"\n{_md_escape(note)}\n"
 
     k = len(main_metrics)
     group_cells = [
@@ -548,7 +585,7 @@ def render_main_table(
         [latex_escape(label)] + [_tex_cell(cells[i], info.decimals) for info, cells in columns]
         for i, label in enumerate(method_labels)
     ]
-    latex = _tex_table(caption, "main", tex_header, tex_body, 1 + k * len(datasets))
+    latex = _tex_table(caption, "main", tex_header, tex_body, 1 + k * len(datasets), note)
     csv = _csv_rows(summary, main_metrics).to_csv(index=False)
     return {"md": markdown, "tex": latex, "csv": csv}
 
@@ -578,25 +615,26 @@ def write_tables(
     dataset_names: Mapping[str, str] | None = None,
     main_out_dir: str | os.PathLike | None = None,
     main_datasets: Sequence[str] | None = None,
+    main_note: str | None = None,
 ) -> list[Path]:
     """Write every table of ``summary`` (from :func:`summarise_over_folds`) under ``out_dir``.
 
     Files: ``{table_stem(metric)}.{csv,md,tex}`` per metric in ``out_dir``, and
     ``main.{csv,md,tex}`` in ``main_out_dir`` (default ``out_dir``) unless ``main_metrics``
-    is ``None``; ``main_datasets`` restricts the main table (e.g. to the lesion cohorts).
-    Cells read "mean ± std" (percent for fractions), the best value per dataset column in
-    bold. The CSVs are long and numeric, in the metric's own
-    units (fractions stay fractions): ``method, dataset, metric, mean, std, n_folds,
-    n_subjects``. Every file is written atomically.
+    is ``None``; ``main_datasets`` restricts the main table (e.g. to the lesion cohorts) and
+    ``main_note`` is shown under it (:func:`render_main_table`). Cells read "mean ± std"
+    (percent for fractions), the best value per dataset column in bold. The CSVs are long and
+    numeric, in the metric's own units (fractions stay fractions): ``method, dataset, metric,
+    mean, std, n_folds`` and the count column (``n_subjects``, or ``n_slices`` for
+    slice-level metrics). Every file is written atomically.
 
     Returns:
         The paths written.
     """
     _require_columns(
-        summary,
-        ["method", "dataset", "metric", "mean", "std", "n_folds", "n_subjects"],
-        "write_tables: summary",
+        summary, ["method", "dataset", "metric", "mean", "std", "n_folds"], "write_tables: summary"
     )
+    _count_column(summary, "write_tables: summary")
     if not metrics:
         raise InputError("write_tables: no metrics given")
     naming = {
@@ -617,7 +655,9 @@ def write_tables(
         main_summary = summary
         if main_datasets is not None:
             main_summary = summary[summary["dataset"].isin(list(main_datasets))]
-        texts = render_main_table(main_summary, metric_info, main_metrics=main_metrics, **naming)
+        texts = render_main_table(
+            main_summary, metric_info, main_metrics=main_metrics, note=main_note, **naming
+        )
         for suffix, text in texts.items():
             path = main_dir / f"main.{suffix}"
             if path in rendered:

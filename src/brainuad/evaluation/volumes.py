@@ -13,7 +13,7 @@ operations of post-processing (median filter, connected components) see true nei
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,15 +65,20 @@ def iter_subject_volumes(
     scores_file: ScoresFile | str | os.PathLike,
     with_images: bool = False,
     with_reconstruction: bool = False,
+    subjects: Collection[str] | None = None,
 ) -> Iterator[SubjectVolume]:
     """Yield one :class:`SubjectVolume` per subject scored in ``scores_file``.
 
     Subjects come in order of their first row in the scores file. Rows within the scores
     file may be in any order.
 
+    Args:
+        subjects: only these subjects (every one must be scored); nothing of the others is
+            read. None: every scored subject.
+
     Raises:
-        InputError: rows outside the slice file, map size unlike the slices, or one
-            subject with the same ``slice_index`` twice.
+        InputError: rows outside the slice file, map size unlike the slices, one subject
+            with the same ``slice_index`` twice, or a requested subject not scored.
     """
     slices = _open(slice_file, SliceFile)
     scores = _open(scores_file, ScoresFile)
@@ -84,11 +89,18 @@ def iter_subject_volumes(
             f"{scores.path}: field 'row' must index {slices.path} (0..{n_rows - 1}), "
             f"got range {rows.min()}..{rows.max()}"
         )
-    subjects = slices.subjects[rows]
-    _, first = np.unique(subjects, return_index=True)
-    for subject in subjects[np.sort(first)]:
-        positions = np.flatnonzero(subjects == subject)
-        yield _assemble(slices, scores, str(subject), positions, with_images, with_reconstruction)
+    scored = slices.subjects[rows]
+    _, first = np.unique(scored, return_index=True)
+    in_order = [str(subject) for subject in scored[np.sort(first)]]
+    if subjects is not None:
+        wanted = {str(subject) for subject in subjects}
+        missing = sorted(wanted - set(in_order))
+        if missing:
+            raise InputError(f"{scores.path}: subject(s) {missing[:5]} not scored in this file")
+        in_order = [subject for subject in in_order if subject in wanted]
+    for subject in in_order:
+        positions = np.flatnonzero(scored == subject)
+        yield _assemble(slices, scores, subject, positions, with_images, with_reconstruction)
 
 
 def _assemble(

@@ -28,6 +28,7 @@ import numpy as np
 
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path
+from brainuad.io.hdf5 import read_rows
 
 
 class ScoresWriter:
@@ -118,7 +119,11 @@ class ScoresFile:
     def read(
         self, positions: np.ndarray | slice | None = None, reconstruction: bool = False
     ) -> dict[str, np.ndarray]:
-        """Read maps (and optionally reconstructions) at ``positions`` (indices into ``rows``)."""
+        """Read maps (and optionally reconstructions) at ``positions``.
+
+        ``positions`` index ``rows`` (a slice, or integers in any order, repeats allowed);
+        None reads every row.
+        """
         sel = slice(None) if positions is None else positions
         with h5py.File(self.path, "r") as f:
             if isinstance(sel, slice):
@@ -127,9 +132,7 @@ class ScoresFile:
                     out["reconstruction"] = f["reconstruction"][sel]
                 return out
             idx = np.asarray(sel, dtype=np.int64)
-            # h5py needs increasing, unique indices: read those, then restore order/repeats.
-            unique, inverse = np.unique(idx, return_inverse=True)
-            out = {"anomaly_map": f["anomaly_map"][unique][inverse], "row": self.rows[idx]}
+            out = {"anomaly_map": read_rows(f["anomaly_map"], idx), "row": self.rows[idx]}
             if reconstruction and self.has_reconstruction:
-                out["reconstruction"] = f["reconstruction"][unique][inverse]
+                out["reconstruction"] = read_rows(f["reconstruction"], idx)
             return out

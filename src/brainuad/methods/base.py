@@ -59,6 +59,10 @@ class Method(torch.nn.Module, abc.ABC):
         has_reconstruction: whether ``score`` returns a reconstruction.
         default_learning_rate, default_batch_size: the paper's values, used when the
             ``TrainingRun`` leaves them unset.
+        scoring_hparams: hyperparameters that only affect scoring, not the weights (e.g. a
+            noise level or seed used at test time). The training loop leaves them out when
+            it checks that a checkpoint belongs to the run, so changing one re-scores
+            without retraining; the saved model carries the current values.
     """
 
     name: ClassVar[str] = ""
@@ -66,6 +70,7 @@ class Method(torch.nn.Module, abc.ABC):
     has_reconstruction: ClassVar[bool] = True
     default_learning_rate: ClassVar[float] = 1e-4
     default_batch_size: ClassVar[int] = 32
+    scoring_hparams: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -92,11 +97,18 @@ class Method(torch.nn.Module, abc.ABC):
             return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         raise InputError(f"method {self.name!r}: optimizer {kind!r}, expected 'adam' or 'adamw'")
 
-    def fit(self, train: Dataset, val: Dataset | None, run: TrainingRun) -> dict[str, Any]:
+    def fit(
+        self,
+        train: Dataset,
+        val: Dataset | None,
+        run: TrainingRun,
+        *,
+        data_fingerprint: str | None = None,
+    ) -> dict[str, Any]:
         """Train with the shared loop (checkpoints, resume, logging); returns its summary."""
         from brainuad.training.loop import train as train_loop
 
-        return train_loop(self, train, val, run)
+        return train_loop(self, train, val, run, data_fingerprint=data_fingerprint)
 
     # -- scoring ---------------------------------------------------------------------------
 

@@ -71,6 +71,9 @@ class DDPM(Method):
         loss: ``"l1"`` (paper) or ``"l2"`` between x̂0 and x0.
         loss_region: ``"image"`` (paper: all pixels) or ``"brain"``.
         score_seed: seed of the scoring noise.
+
+        ``test_timestep`` and ``score_seed`` only affect scoring (``scoring_hparams``):
+        changing them re-scores a trained model without retraining it.
         optimizer: ``"adam"`` (paper) or ``"adamw"``; weight_decay: its weight decay.
 
     Input ``[B, C, H, W]`` in [0, 1], H and W divisible by 2^(len(channels) − 1).
@@ -80,6 +83,7 @@ class DDPM(Method):
     has_reconstruction = True
     default_learning_rate = 1e-4
     default_batch_size = 32
+    scoring_hparams = frozenset({"test_timestep", "score_seed"})
 
     def __init__(
         self,

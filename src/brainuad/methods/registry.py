@@ -27,7 +27,8 @@ def register(name: str) -> Callable[[M], M]:
 
     Raises:
         ValueError: if ``name`` is already taken (two methods must never share a name, since
-            the name is a wildcard in every output path).
+            the name is a wildcard in every output path), or if ``scoring_hparams`` names a
+            keyword the constructor does not have.
     """
 
     def decorator(cls: M) -> M:
@@ -35,6 +36,12 @@ def register(name: str) -> Callable[[M], M]:
             raise ValueError(
                 f"method name {name!r} is already registered by "
                 f"{_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__}"
+            )
+        unknown = sorted(set(cls.scoring_hparams) - set(_constructor_keywords(cls)))
+        if unknown:
+            raise ValueError(
+                f"method {name!r}: scoring_hparams {unknown} are not keyword arguments of "
+                f"{cls.__qualname__}.__init__"
             )
         cls.name = name
         _REGISTRY[name] = cls
@@ -58,14 +65,17 @@ def method_class(name: str) -> type[Method]:
         ) from None
 
 
-def default_hparams(name: str) -> dict[str, Any]:
-    """Hyperparameter names and defaults of method ``name`` (its constructor's keywords)."""
-    cls = method_class(name)
+def _constructor_keywords(cls: type[Method]) -> dict[str, Any]:
     return {
         p.name: p.default
         for p in inspect.signature(cls.__init__).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
+
+
+def default_hparams(name: str) -> dict[str, Any]:
+    """Hyperparameter names and defaults of method ``name`` (its constructor's keywords)."""
+    return _constructor_keywords(method_class(name))
 
 
 def build_method(name: str, **hparams: Any) -> Method:

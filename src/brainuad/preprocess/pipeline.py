@@ -3,16 +3,19 @@
 Order, and why:
 
 1. reorient every volume to RAS (exact; deepbet and the QC picture expect RAS axes);
-2. resample to ``resolution_mm`` isotropic in subject space (B-spline for images, nearest
-   neighbour for labels), so N4's shrink factor and the stripping see the same voxel size
-   whatever the scanner's;
+2. resample the images to ``resolution_mm`` isotropic in subject space (B-spline), so N4's
+   shrink factor and the stripping see the same voxel size whatever the scanner's; label
+   volumes are not resampled here (only a nearest-neighbour copy of the true brain mask,
+   for the subject-space QC Dice);
 3. N4 on each head, fitted inside an Otsu head mask: both stripping methods work better on
    flat intensities, and the field is smooth enough to fit across the whole head;
 4. skull-strip the reference sequence (all sequences share its grid, so one mask serves all);
 5. register the stripped reference brain to the template *brain* (as the references do):
    with the skull gone, the metric matches like with like, which a head-to-brain
    registration cannot; then every volume goes through the same transform, straight onto
-   the output grid (one interpolation, no separate crop of the data);
+   the output grid (one interpolation, no separate crop of the data). The transform acts
+   in physical space, so the lesion labels go from their own (reoriented) grid to the
+   output grid in a single ``genericLabel`` step;
 6. normalise each sequence to [0, 1] by percentiles inside the registered brain mask;
 7. the output grid is the template resampled to ``resolution_mm`` and cropped/padded to
    ``crop_shape`` around the centre of the template brain's bounding box, so every subject
@@ -22,7 +25,6 @@ Order, and why:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,16 +34,16 @@ from typing import Any
 import ants
 import nibabel as nib
 import numpy as np
-import torch
 
 from brainuad.errors import InputError
+from brainuad.evaluation.metrics import dice
 from brainuad.io.nifti import check_same_grid, load_nifti, save_nifti
 from brainuad.preprocess.ants_bridge import ants_affine, nifti_to_ants
 from brainuad.preprocess.bias import n4_correct
 from brainuad.preprocess.crop import brain_box_centre, crop_or_pad
 from brainuad.preprocess.normalise import percentile_normalise
 from brainuad.preprocess.orientation import reorient_to_ras
-from brainuad.preprocess.qc import dice, write_qc_png
+from brainuad.preprocess.qc import write_qc_png
 from brainuad.preprocess.register import register
 from brainuad.preprocess.resample import resample_to_isotropic
 from brainuad.preprocess.skullstrip import SKULLSTRIP_METHODS, skull_strip
@@ -72,12 +74,6 @@ class _StepTimer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-
-def set_threads(threads: int) -> None:
-    """Limit ITK (ANTs) and torch to ``threads`` threads."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
 
 
 def output_grid(
@@ -128,7 +124,6 @@ def preprocess_subject(
     deepbet_threshold: float = 0.5,
     normalise_percentiles: tuple[float, float] = (1.0, 99.0),
     crop_shape: tuple[int, int, int] = (160, 192, 160),
-    threads: int = 1,
 ) -> dict[str, Any]:
     """Preprocess one subject's sequences onto the shared template grid.
 
@@ -149,7 +144,9 @@ def preprocess_subject(
         deepbet_threshold: brain probability threshold of deepbet.
         normalise_percentiles: brain percentiles mapped to 0 and 1.
         crop_shape: output box in voxels of ``resolution_mm``, centred on the template brain.
-        threads: ITK and torch threads.
+
+    Threads are not set here: ITK and torch read the process-wide settings of the caller
+    (the workflow's ``brainuad.workflow.rule_logging`` caps them at the rule's ``threads``).
 
     Returns:
         The QC record (JSON-ready): Dice of the stripped mask vs ``truth_brainmask`` (in
@@ -172,13 +169,17 @@ def preprocess_subject(
         raise InputError(
             f"skullstrip_method: '{skullstrip_method}' is not one of {SKULLSTRIP_METHODS}"
         )
-    set_threads(threads)
     timer = _StepTimer()
     reference_path = Path(images[reference_sequence])
 
     with timer.step("load"):
         reference = load_nifti(reference_path)
-        raw = _load_checked({k: Path(v) for k, v in images.items()}, reference_path, reference)
+        others = _load_checked(
+            {k: Path(v) for k, v in images.items() if k != reference_sequence},
+            reference_path,
+            reference,
+        )
+        raw = {k: reference if k == reference_sequence else others[k] for k in images}
         labels_raw = _load_checked(
             {k: Path(v) for k, v in (("seg", seg), ("truth", truth_brainmask)) if v},
             reference_path,
@@ -199,10 +200,11 @@ def preprocess_subject(
             k: resample_to_isotropic(nifti_to_ants(v), resolution_mm, "bspline")
             for k, v in raw.items()
         }
-        labels = {
-            k: resample_to_isotropic(nifti_to_ants(v), resolution_mm, "nearest")
-            for k, v in labels_raw.items()
-        }
+        truth_subject = (
+            resample_to_isotropic(nifti_to_ants(labels_raw["truth"]), resolution_mm, "nearest")
+            if "truth" in labels_raw
+            else None
+        )
         template = resample_to_isotropic(nifti_to_ants(template_t1_img), resolution_mm, "bspline")
         template_mask = resample_to_isotropic(
             nifti_to_ants(template_mask_img), resolution_mm, "nearest"
@@ -239,9 +241,9 @@ def preprocess_subject(
         subject_mask = heads[reference_sequence].new_image_like(mask.astype(np.float32))
 
     record: dict[str, Any] = {}
-    if "truth" in labels:
+    if truth_subject is not None:
         record["brainmask_dice_vs_truth_subject_space"] = round(
-            dice(mask, _as_mask(labels["truth"])), 4
+            dice(mask, _as_mask(truth_subject)), 4
         )
 
     with timer.step("register"):
@@ -249,8 +251,10 @@ def preprocess_subject(
         with register(template_brain, moving, type_of_transform=registration_type) as reg:
             out_mask = _as_mask(reg.to_fixed(subject_mask, "nearestNeighbor", grid))
             moved = {k: reg.to_fixed(v, "linear", grid).numpy() for k, v in heads.items()}
+            # From the reoriented native grid: one interpolation for labels too.
             moved_labels = {
-                k: reg.to_fixed(v, "genericLabel", grid).numpy() for k, v in labels.items()
+                k: reg.to_fixed(nifti_to_ants(v), "genericLabel", grid).numpy()
+                for k, v in labels_raw.items()
             }
     if not out_mask.any():
         raise InputError(
@@ -330,7 +334,6 @@ def preprocess_subject(
                 "deepbet_grids": DEEPBET_GRIDS if skullstrip_method == "deepbet" else None,
                 "normalise_percentiles": list(normalise_percentiles),
                 "crop_shape": list(crop_shape),
-                "threads": threads,
             },
         }
     )

@@ -1,4 +1,9 @@
-"""Step 8: quality control of a preprocessed subject: overlap numbers and a slice picture."""
+"""Step 8: quality control of a preprocessed subject: the slice picture.
+
+The overlap numbers of the QC record use :func:`brainuad.evaluation.metrics.dice`, the one
+Dice of the project (NaN when both masks are empty; preprocessing never gets there, as it
+stops on an empty brain mask).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from brainuad.io.atomic import atomic_path
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap ``2|A ∩ B| / (|A| + |B|)`` of two boolean masks (1.0 when both empty)."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def qc_slice_indices(brainmask: np.ndarray, seg: np.ndarray) -> tuple[int, int, int]:

@@ -35,7 +35,11 @@ class Registration:
         interpolation: TransformInterpolation,
         reference: ants.ANTsImage | None = None,
     ) -> ants.ANTsImage:
-        """Bring ``image`` (on the moving image's grid) onto ``reference`` (default: fixed)."""
+        """Bring ``image`` onto ``reference`` (default: fixed).
+
+        ``image`` may be on any grid of the moving image's physical space (the transforms
+        map world points), not only on the grid that was registered.
+        """
         return ants.apply_transforms(
             fixed=self.fixed if reference is None else reference,
             moving=image,

@@ -42,9 +42,6 @@ from brainuad.slices.hdf5 import SliceWriter
 
 SLICE_ORIENTATION = "axial; rows anterior->posterior, columns left->right (neurological)"
 
-# Keys the slice writer sets itself; caller attrs must not overwrite them.
-_RESERVED_ATTRS = frozenset({"sequences", "contract_version"})
-
 
 @dataclass(frozen=True)
 class SubjectSlices:
@@ -194,9 +191,10 @@ def build_slice_file(
         sequences: channel order, stored in ``attrs["sequences"]``.
         size: slice height and width.
         min_brain_fraction: see :func:`extract_subject_slices`.
-        attrs: extra file attributes (preprocessing config, dataset name, ...). The slice
-            settings (``slice_size``, ``min_brain_fraction``, ``slice_orientation``) and
-            ``brainuad_version`` are recorded as well.
+        attrs: extra file attributes (preprocessing config, dataset name, ...), none of
+            :data:`brainuad.slices.hdf5.RESERVED_ATTRS`. The slice settings (``slice_size``,
+            ``min_brain_fraction``, ``slice_orientation``) and ``brainuad_version`` are
+            recorded as well.
 
     Returns:
         ``{"n_subjects", "n_slices", "n_lesion_slices", "per_subject": {id: {"n_slices",
@@ -204,9 +202,6 @@ def build_slice_file(
     """
     if not subjects:
         raise InputError(f"{out_path}: no subjects given for the slice file")
-    reserved = _RESERVED_ATTRS & set(attrs)
-    if reserved:
-        raise InputError(f"attrs: keys {sorted(reserved)} are reserved by the slice file")
     file_attrs = {"brainuad_version": brainuad.__version__, **attrs}
     file_attrs.update(
         slice_size=int(size),

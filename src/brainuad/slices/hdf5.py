@@ -17,6 +17,9 @@ The per-slice datasets (images, brainmask, seg) are chunked one slice per chunk 
 compressed with lzf, so reading one row touches one chunk; the 1-D columns use larger
 chunks. Writers are atomic (the file appears under its final name only
 when complete). Readers open lazily and never load the image stack into memory.
+
+torch is imported only by :class:`SliceDataset`, so the reporting stage, which reads slice
+files through :class:`SliceFile`, runs without it.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path
+from brainuad.io.hdf5 import read_rows
 
 CONTRACT_VERSION = 1
 _STR = h5py.string_dtype(encoding="utf-8")
+#: File attributes the writer sets itself; caller ``attrs`` must not name them.
+RESERVED_ATTRS = frozenset({"sequences", "contract_version"})
 
 
 class SliceWriter:
@@ -46,6 +50,10 @@ class SliceWriter:
 
         with SliceWriter(path, sequences=["t2"], height=64, width=64, attrs={...}) as w:
             w.append_subject("sub-001", images, brainmask, seg, slice_index)
+
+    Raises:
+        InputError: when ``attrs`` names a key in ``RESERVED_ATTRS`` (before any file is
+            created).
     """
 
     def __init__(
@@ -61,6 +69,11 @@ class SliceWriter:
         self.sequences = list(sequences)
         self.height, self.width = int(height), int(width)
         self.attrs = attrs or {}
+        reserved = RESERVED_ATTRS & set(self.attrs)
+        if reserved:
+            raise InputError(
+                f"{self.path}: attrs {sorted(reserved)} are reserved, set by the slice writer"
+            )
         self._atomic = None
         self._file: h5py.File | None = None
 
@@ -90,9 +103,6 @@ class SliceWriter:
         f.create_dataset("label", shape=(0,), maxshape=(None,), dtype="uint8", chunks=(1024,))
         f.create_dataset("slice_index", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1024,))
         f.create_dataset("subject", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
-        reserved = {"sequences", "contract_version"} & set(self.attrs)
-        if reserved:
-            raise ValueError(f"{self.path}: attrs {sorted(reserved)} are set by the writer")
         f.attrs["sequences"] = json.dumps(self.sequences)
         f.attrs["contract_version"] = CONTRACT_VERSION
         for key, value in self.attrs.items():
@@ -191,10 +201,8 @@ class SliceFile:
     def read(self, rows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """Read the given rows (any order) into memory: only those rows are touched."""
         rows = np.asarray(rows, dtype=np.int64)
-        # h5py needs increasing, unique indices: read those, then restore order and repeats.
-        unique, inverse = np.unique(rows, return_inverse=True)
         f = self.file
-        out = {name: f[name][unique][inverse] for name in ("images", "brainmask", "seg")}
+        out = {name: read_rows(f[name], rows) for name in ("images", "brainmask", "seg")}
         out["label"] = self.labels[rows]
         out["subject"] = self.subjects[rows]
         out["slice_index"] = self.slice_indices[rows]
@@ -212,8 +220,10 @@ class SliceFile:
         return state
 
 
-class SliceDataset(Dataset):
-    """A torch Dataset over selected rows of a slice file; reads one slice per item.
+class SliceDataset:
+    """A map-style torch dataset (``__len__``, ``__getitem__``) over selected rows of a slice
+    file; reads one slice per item. Not a ``torch.utils.data.Dataset`` subclass so that this
+    module imports without torch; ``DataLoader`` takes it as it is.
 
     Each item is a dict: ``image`` float32 ``[C, H, W]``, ``brainmask`` float32 ``[1, H, W]``,
     ``seg`` uint8 ``[H, W]``, ``label`` int, ``row`` int (index in the slice file).
@@ -237,6 +247,8 @@ class SliceDataset(Dataset):
         return int(self.rows.size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
         row = int(self.rows[index])
         f = self.slices.file
         return {

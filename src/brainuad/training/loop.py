@@ -6,7 +6,10 @@ its number of optimiser steps, not epochs. Every ``checkpoint_every`` steps and 
 writes a checkpoint atomically; re-running the same call after a kill resumes from the last
 checkpoint with the step counter, optimiser, RNG states and data order restored, so an
 interrupted run gives the same losses as an uninterrupted one. Re-running a finished run only
-reloads its weights.
+reloads its weights. A checkpoint is used only if it was made by the same run: same method,
+hyperparameters (except those that only affect scoring, ``Method.scoring_hparams``), seed,
+batch size, learning rate, mixed precision and training data (number of slices and the
+caller's ``data_fingerprint``); otherwise it is refused rather than silently continued.
 
 The CSV log (``step, train_loss, val_loss, seconds, lr``) gets one row per step; on resume,
 rows after the checkpoint's step (written before the kill) are dropped, so steps are never
@@ -35,14 +38,14 @@ import brainuad
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from brainuad.provenance import seed_everything
-from brainuad.training.device import DeviceName, resolve_device
+from brainuad.training.device import DeviceName, check_device_name, resolve_device
 
 if TYPE_CHECKING:
     from brainuad.methods.base import Method
 
 _LOGGER = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "brainuad.training/1"
+CHECKPOINT_FORMAT = "brainuad.training/2"
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "seconds", "lr")
 
 
@@ -61,7 +64,8 @@ class TrainingRun:
         validate_every: steps between validation losses (also computed at the last step).
         validation_batches: validate on at most this many batches (None: all val slices).
         seed: seeds Python, NumPy, torch and the data order.
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or
+            ``"cuda:<index>"``.
         num_workers: DataLoader worker processes.
         progress: show a tqdm progress bar.
         mixed_precision: bf16 autocast (CUDA only; CPU always trains in fp32).
@@ -100,8 +104,7 @@ class TrainingRun:
             raise InputError(f"TrainingRun.learning_rate={self.learning_rate!r}, expected > 0")
         if self.num_workers < 0:
             raise InputError(f"TrainingRun.num_workers={self.num_workers!r}, expected ≥ 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InputError(f"TrainingRun.device={self.device!r}, expected auto, cpu or cuda")
+        check_device_name(self.device)
 
 
 class InfiniteShuffledBatches(Sampler[list[int]]):
@@ -135,6 +138,7 @@ def train(
     val_dataset: Dataset | None,
     run: TrainingRun,
     *,
+    data_fingerprint: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` for ``run.max_steps`` steps, resuming from ``run.checkpoint_path``.
@@ -143,7 +147,10 @@ def train(
     initial weights are reproducible too; this function seeds everything after that.
     A checkpoint at or beyond ``run.max_steps`` only reloads the weights (no training); a
     larger ``max_steps`` than before extends the run. A checkpoint made with another method,
-    other hyperparameters, seed or batch size is refused (InputError).
+    other hyperparameters (scoring-only ones aside), seed, batch size, learning rate, mixed
+    precision, number of training slices or ``data_fingerprint`` is refused (InputError):
+    resuming it would silently mix two runs, and returning its weights would misreport
+    what they were trained with.
 
     Args:
         method: a built method (weights are trained in place; it is left on the device).
@@ -151,13 +158,17 @@ def train(
             ``brainmask`` ``[1, H, W]``, ...).
         val_dataset: healthy validation slices, or None for no validation loss.
         run: the run settings.
+        data_fingerprint: identity of the training data (e.g. from
+            :func:`brainuad.training.fold.training_data_fingerprint`), stored in the
+            checkpoint and compared on resume; None checks only the number of slices.
         on_step: called as ``on_step(step, train_loss)`` after each step (and after its
             checkpoint); for tests and monitoring.
 
     Returns:
         A summary: method, device, start_step, final_step, steps_run, resumed,
         final_train_loss, final_val_loss, seconds (training wall time over all sessions),
-        batch_size, learning_rate, checkpoint_path, log_path.
+        batch_size, learning_rate, mixed_precision (bf16 autocast in use), train_slices,
+        data_fingerprint, checkpoint_path, log_path.
     """
     if len(train_dataset) == 0:
         raise InputError(f"training set for method {method.name!r} is empty")
@@ -172,7 +183,17 @@ def train(
     # A job killed mid-checkpoint leaves a full-size temporary behind; this run owns the file.
     for stale in remove_stale_temporaries(run.checkpoint_path):
         _LOGGER.info("removed %s, left by a job killed while writing a checkpoint", stale)
-    checkpoint = _read_checkpoint(run.checkpoint_path, method, run, batch_size)
+    identity = {
+        "method": method.name,
+        "hparams": _training_hparams(method, method.hparams),
+        "seed": run.seed,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "mixed_precision": use_amp,
+        "train_slices": len(train_dataset),
+        "data_fingerprint": data_fingerprint,
+    }
+    checkpoint = _read_checkpoint(run.checkpoint_path, method, identity)
     start_step, elapsed = 0, 0.0
     last_train_loss: float | None = None
     last_val_loss: float | None = None
@@ -191,6 +212,9 @@ def train(
         "resumed": checkpoint is not None,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "mixed_precision": use_amp,
+        "train_slices": len(train_dataset),
+        "data_fingerprint": data_fingerprint,
         "checkpoint_path": str(run.checkpoint_path),
         "log_path": str(run.log_path),
     }
@@ -285,7 +309,7 @@ def train(
                         method,
                         optimizer,
                         step=step,
-                        batch_size=batch_size,
+                        identity=identity,
                         elapsed=seconds,
                         last_train_loss=last_train_loss,
                         last_val_loss=last_val_loss,
@@ -406,7 +430,7 @@ def _write_checkpoint(
     optimizer: torch.optim.Optimizer,
     *,
     step: int,
-    batch_size: int,
+    identity: dict[str, Any],
     elapsed: float,
     last_train_loss: float | None,
     last_val_loss: float | None,
@@ -420,10 +444,14 @@ def _write_checkpoint(
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": _get_rng_state(),
+        "learning_rate": identity["learning_rate"],
+        "mixed_precision": identity["mixed_precision"],
         "data": {
             "seed": run.seed,
-            "batch_size": batch_size,
-            "samples_consumed": step * batch_size,
+            "batch_size": identity["batch_size"],
+            "samples_consumed": step * identity["batch_size"],
+            "train_slices": identity["train_slices"],
+            "fingerprint": identity["data_fingerprint"],
         },
         "elapsed_seconds": elapsed,
         "last_train_loss": last_train_loss,
@@ -434,31 +462,41 @@ def _write_checkpoint(
         torch.save(payload, tmp)
 
 
-def _read_checkpoint(
-    path: Path, method: Method, run: TrainingRun, batch_size: int
-) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it exists, after checking it belongs to this run."""
+def _training_hparams(method: Method, hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` without those that only affect scoring (they may change between runs)."""
+    return {k: v for k, v in hparams.items() if k not in method.scoring_hparams}
+
+
+def _read_checkpoint(path: Path, method: Method, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it exists, after checking it was made by the run
+    described by ``identity`` (the keys built in :func:`train`)."""
     if not path.exists():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith(
+        "brainuad.training/"
+    ):
         raise InputError(f"{path}: not a brainuad training checkpoint ({CHECKPOINT_FORMAT})")
-    expected = {
-        "method": method.name,
-        "hparams": method.hparams,
-        "seed": run.seed,
-        "batch_size": batch_size,
-    }
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise InputError(
+            f"{path}: checkpoint format {payload['format']!r}, this version reads "
+            f"{CHECKPOINT_FORMAT!r}; delete the checkpoint folder {path.parent} to start over"
+        )
+    data = payload["data"]
     found = {
         "method": payload["method"],
-        "hparams": payload["hparams"],
-        "seed": payload["data"]["seed"],
-        "batch_size": payload["data"]["batch_size"],
+        "hparams": _training_hparams(method, payload["hparams"]),
+        "seed": data["seed"],
+        "batch_size": data["batch_size"],
+        "learning_rate": payload["learning_rate"],
+        "mixed_precision": payload["mixed_precision"],
+        "train_slices": data["train_slices"],
+        "data_fingerprint": data["fingerprint"],
     }
-    for key, value in expected.items():
+    for key, value in identity.items():
         if found[key] != value:
             raise InputError(
                 f"{path}: checkpoint has {key}={found[key]!r} but this run has {value!r}; "
-                "delete the checkpoint to start over"
+                f"delete the checkpoint folder {path.parent} to start over"
             )
     return payload
