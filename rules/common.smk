@@ -3,6 +3,8 @@
 from snakemake.utils import validate
 
 from brainuad.config import check_config, synthetic_subjects
+from brainuad.methods import method_class
+from brainuad.methods.base import FINAL_STAGE
 
 validate(config, "../config/schema.yaml")
 check_config(config)
@@ -12,8 +14,31 @@ DATASETS = list(config["datasets"])
 HEALTHY_DATASET = config["healthy_dataset"]
 LESION_DATASETS = [d for d in DATASETS if config["datasets"][d]["lesion"] != "none"]
 SEQUENCES = config["preprocess"]["sequences"]
+# Study names of the configured methods (the {method} wildcard); each names its registered
+# implementation with `method:` (default: the study name itself).
 METHODS = list(config["methods"])
 FOLDS = list(range(config["splits"]["n_folds"]))
+
+
+def implementation_of(method):
+    """The registered implementation of the study's method ``method``."""
+    return config["methods"][method].get("method", method)
+
+
+def method_class_of(method):
+    return method_class(implementation_of(method))
+
+
+# Methods with trained stages (a training-free baseline has none and no training job).
+TRAINED_METHODS = [m for m in METHODS if method_class_of(m).stages]
+EARLIER_STAGES = sorted(
+    {
+        stage.name
+        for method in TRAINED_METHODS
+        for stage in method_class_of(method).stages
+        if stage.name != FINAL_STAGE
+    }
+)
 
 
 wildcard_constraints:
@@ -23,6 +48,8 @@ wildcard_constraints:
     split="val|test",
     subject=r"sub-[A-Za-z0-9]+",
     sequence="|".join(SEQUENCES),
+    # Stages before the final one ("model"); a pattern that matches nothing when none.
+    stage="|".join(EARLIER_STAGES) or "(?!)",
 
 
 def runtime_per_attempt(minutes):
@@ -92,11 +119,88 @@ def preprocess_params(wildcards):
 # ---- training and evaluation ------------------------------------------------------------
 
 
-def method_training_config(wildcards):
-    """The `model` and `training` blocks of the method: a train_model param, so changing them
-    (and only them, not post-processing or scoring settings) reruns training."""
+def stage_training_settings(method, stage):
+    """The `training` block of ``method`` with the overrides of ``training.stages.<stage>``."""
+    training = dict(config["methods"][method].get("training", {}))
+    overrides = training.pop("stages", {})
+    return training | overrides.get(stage, {})
+
+
+def training_datasets(method, stage):
+    """Datasets ``stage`` of ``method`` trains on, read from its declared supervision: the
+    healthy cohort only for `healthy` stages (never a lesion cohort), the configured
+    `train_datasets` (default: every lesion cohort) for `image_labels` stages."""
+    if method_class_of(method).stage_supervision(stage) == "healthy":
+        return [HEALTHY_DATASET]
+    return config["methods"][method].get("train_datasets", LESION_DATASETS)
+
+
+def stage_inputs(wildcards, stage=None):
+    """Slices and splits of every training dataset, and the files of consumed stages."""
+    stage = stage or wildcards.get("stage", FINAL_STAGE)
+    inputs = {}
+    for dataset in training_datasets(wildcards.method, stage):
+        inputs[f"slices__{dataset}"] = f"results/slices/{dataset}.h5"
+        inputs[f"splits__{dataset}"] = f"results/splits/{dataset}.csv"
+    for earlier in method_class_of(wildcards.method).stage(stage).consumes:
+        inputs[f"stage__{earlier}"] = (
+            f"results/models/{wildcards.method}/fold{wildcards.fold}/{earlier}.pt"
+        )
+    return inputs
+
+
+def final_stage_inputs(wildcards):
+    return stage_inputs(wildcards, FINAL_STAGE)
+
+
+def stage_config(wildcards, stage=None):
+    """What determines the training of one stage (a param: changing it reruns the stage and,
+    through its file, the stages after it; scoring and post-processing settings are not in
+    it): the implementation, `model`, the stage's `training`, `inputs`, `size` and the
+    training datasets with which of them is the healthy training cohort."""
+    stage = stage or wildcards.get("stage", FINAL_STAGE)
     method = config["methods"][wildcards.method]
-    return {key: method.get(key, {}) for key in ("model", "training")}
+    return {
+        "implementation": implementation_of(wildcards.method),
+        "model": method.get("model", {}),
+        "training": stage_training_settings(wildcards.method, stage),
+        "inputs": method.get("inputs"),
+        "size": method.get("size"),
+        "datasets": {
+            dataset: dataset == HEALTHY_DATASET
+            for dataset in training_datasets(wildcards.method, stage)
+        },
+    }
+
+
+def final_stage_config(wildcards):
+    return stage_config(wildcards, FINAL_STAGE)
+
+
+def score_inputs(wildcards):
+    """The trained model (none for a training-free method), the slices and the splits."""
+    inputs = {
+        "slices": f"results/slices/{wildcards.dataset}.h5",
+        "splits": f"results/splits/{wildcards.dataset}.csv",
+    }
+    if method_class_of(wildcards.method).stages:
+        inputs["model"] = (
+            f"results/models/{wildcards.method}/fold{wildcards.fold}/model.pt"
+        )
+    return inputs
+
+
+def score_config(wildcards):
+    """How scoring reads the slices (`inputs`, `size`) and, for a training-free method, how
+    to build it (its implementation and `model` block)."""
+    method = config["methods"][wildcards.method]
+    record = {"inputs": method.get("inputs"), "size": method.get("size")}
+    if not method_class_of(wildcards.method).stages:
+        record["build"] = {
+            "implementation": implementation_of(wildcards.method),
+            "model": method.get("model", {}),
+        }
+    return record
 
 
 def postprocess_by_method():
@@ -181,7 +285,9 @@ def test_scores_files():
 
 def training_logs():
     return expand(
-        "results/models/{method}/fold{fold}/train_log.csv", method=METHODS, fold=FOLDS
+        "results/models/{method}/fold{fold}/train_log.csv",
+        method=TRAINED_METHODS,
+        fold=FOLDS,
     )
 
 

@@ -4,9 +4,7 @@
 
 rule score_split:
     input:
-        model="results/models/{method}/fold{fold}/model.pt",
-        slices="results/slices/{dataset}.h5",
-        splits="results/splits/{dataset}.csv",
+        unpack(score_inputs),
     output:
         "results/scores/{method}/fold{fold}/{dataset}_{split}.h5",
     log:
@@ -21,6 +19,7 @@ rule score_split:
         runtime=runtime_per_attempt(30),
     params:
         batch_size=score_batch_size,
+        score_config=score_config,
         device=config.get("device", "auto"),
     script:
         "../workflow_scripts/score_split.py"

@@ -62,6 +62,7 @@ rule plot_figures:
         examples_per_dataset=config["evaluation"]["qualitative_examples_per_dataset"],
         postprocess=postprocess_by_method(),
         methods=METHODS,
+        trained_methods=TRAINED_METHODS,
         folds=FOLDS,
         datasets=DATASETS,
         lesion_datasets=LESION_DATASETS,

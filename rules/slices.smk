@@ -20,6 +20,7 @@ rule extract_slices:
         sequences=config["slices"]["sequences"],
         size=config["slices"]["size"],
         min_brain_fraction=config["slices"].get("min_brain_fraction", 0.25),
+        min_lesion_pixels=config["slices"].get("min_lesion_pixels", 1),
         preprocess=config["preprocess"],
     script:
         "../workflow_scripts/extract_slices.py"

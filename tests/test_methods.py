@@ -2,71 +2,135 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import toy_methods  # noqa: F401  (registers the toy methods, so the contract covers them)
 from tiny_hparams import TINY_HPARAMS
 
 from brainuad.errors import InputError
+from brainuad.io.scores import ScoresFile
 from brainuad.methods import (
     Method,
     ScoreOutput,
     available_methods,
     build_method,
     default_hparams,
+    method_class,
     register,
 )
+from brainuad.methods.base import FINAL_STAGE
 from brainuad.methods.registry import _REGISTRY
 from brainuad.provenance import seed_everything
-from brainuad.slices.hdf5 import SliceDataset, SliceWriter
-from brainuad.training.loop import TrainingRun
+from brainuad.scoring import score_dataset_split, score_split
+from brainuad.slices.hdf5 import SliceDataset, SliceFile, SliceWriter
+from brainuad.slices.splits import (
+    healthy_splits,
+    lesion_splits,
+    read_splits,
+    subjects_in,
+    write_splits,
+)
+from brainuad.training.fold import TrainingCohort, train_fold
 
 
-def write_slices(path, n_subjects: int = 2, per_subject: int = 8, size: int = 32) -> None:
-    """A tiny slice file: a bright disc of 'brain' with a smooth gradient, 1 channel."""
+def write_slices(
+    path, n_subjects: int = 2, per_subject: int = 8, size: int = 32, lesions: bool = False
+) -> None:
+    """A tiny slice file: a disc of 'brain' with a smooth gradient, 1 channel; with
+    ``lesions``, every other slice has a bright square (seg 1, label 1)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:size, :size]
     disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size * 0.4) ** 2
+    square = (abs(yy - size / 2) < size / 8) & (abs(xx - size / 2) < size / 8)
     with SliceWriter(path, sequences=["t2"], height=size, width=size) as writer:
         for s in range(n_subjects):
             images = np.zeros((per_subject, 1, size, size), np.float32)
+            seg = np.zeros((per_subject, size, size), np.uint8)
             for i in range(per_subject):
                 level = 0.4 + 0.4 * i / per_subject
                 images[i, 0] = disc * (level + 0.1 * xx / size + 0.02 * rng.random((size, size)))
+                if lesions and i % 2:
+                    images[i, 0][square] = 1.0
+                    seg[i][square] = 1
             mask = np.repeat(disc[None], per_subject, 0).astype(np.uint8)
-            seg = np.zeros_like(mask)
             writer.append_subject(f"sub-{s}", images, mask, seg, np.arange(per_subject))
+
+
+def write_cohorts(tmp_path) -> dict[str, TrainingCohort]:
+    """A healthy cohort (2 folds) and a lesion cohort with a train split, 4 subjects each."""
+    cohorts = {}
+    for name, lesions in (("healthy", False), ("lesion", True)):
+        slices, splits = tmp_path / f"{name}.h5", tmp_path / f"{name}.csv"
+        write_slices(slices, n_subjects=4, lesions=lesions)
+        subjects = [f"sub-{s}" for s in range(4)]
+        if lesions:
+            table = lesion_splits(
+                subjects, n_folds=2, val_fraction=0.25, train_fraction=0.5, seed=0
+            )
+        else:
+            table = healthy_splits(subjects, n_folds=2, test_fraction=0.25, seed=0)
+        write_splits(table, splits)
+        cohorts[name] = TrainingCohort(name, slices, splits, healthy_training_cohort=not lesions)
+    return cohorts
+
+
+def train_every_stage(name, cohorts, tmp_path, max_steps: int = 3) -> dict[str, object]:
+    """Train each stage of ``name`` in declared order through ``train_fold`` (what the
+    workflow runs), each consuming the files of the stages it names; the stage files."""
+    cls = method_class(name)
+    files: dict[str, object] = {}
+    for stage in cls.stages:
+        weak = cls.stage_supervision(stage.name) == "image_labels"
+        summary = train_fold(
+            method_name=name,
+            model_hparams=TINY_HPARAMS[name],
+            training={"max_steps": max_steps, "batch_size": 4, "checkpoint_every": 3},
+            cohorts=[cohorts["lesion"], cohorts["healthy"]] if weak else [cohorts["healthy"]],
+            fold=0,
+            stage=stage.name,
+            consumed={earlier: files[earlier] for earlier in stage.consumes},
+            checkpoint_dir=tmp_path / "checkpoints" / stage.name,
+            out_model=tmp_path / f"{stage.name}.pt",
+            out_log=tmp_path / f"{stage.name}_log.csv",
+            out_config=tmp_path / f"{stage.name}.json",
+            seed=0,
+            device="cpu",
+            progress=False,
+        )
+        assert summary["stage"] == stage.name and summary["final_step"] == max_steps
+        assert np.isfinite(summary["final_train_loss"])
+        files[stage.name] = tmp_path / f"{stage.name}.pt"
+    return files
 
 
 def test_every_method_has_tiny_hparams():
     assert set(available_methods()) <= set(TINY_HPARAMS)
-    assert {"ae", "ddpm"} <= set(available_methods())
+    assert {"ae", "ddpm", "intensity"} <= set(available_methods())
 
 
 @pytest.mark.parametrize("name", available_methods())
 def test_method_contract(name, tmp_path):
-    """Fit a few steps, score, save, load, score again: identical maps."""
-    slice_path = tmp_path / "slices.h5"
-    write_slices(slice_path)
-    seed_everything(0)
-    method = build_method(name, **TINY_HPARAMS[name])
-    assert isinstance(method, Method)
-    assert method.supervision in ("healthy", "image_labels")
-    run = TrainingRun(
-        checkpoint_path=tmp_path / "ckpt.pt",
-        log_path=tmp_path / "log.csv",
-        max_steps=3,
-        batch_size=4,
-        checkpoint_every=3,
-        validate_every=3,
-        device="cpu",
-        progress=False,
-    )
-    dataset = SliceDataset(slice_path)
-    summary = method.fit(dataset, dataset, run)
-    assert summary["final_step"] == 3
-    assert np.isfinite(summary["final_train_loss"])
+    """Train every stage in order as the workflow does, score, save, load, score again:
+    identical maps; scoring twice is deterministic; no reconstruction where there is none."""
+    cls = method_class(name)
+    assert cls.supervision in ("healthy", "image_labels")
+    names = [stage.name for stage in cls.stages]
+    assert len(set(names)) == len(names)
+    if names:
+        assert names[-1] == FINAL_STAGE
+    for position, stage in enumerate(cls.stages):
+        assert set(stage.consumes) <= set(names[:position]), "a stage consumes earlier ones"
+    cohorts = write_cohorts(tmp_path)
+    if cls.stages:
+        method = Method.load(train_every_stage(name, cohorts, tmp_path)[FINAL_STAGE])
+    else:
+        method = build_method(name, **TINY_HPARAMS[name])
+    assert isinstance(method, cls)
 
+    dataset = SliceDataset(cohorts["healthy"].slice_path)
     images = torch.stack([dataset[i]["image"] for i in range(5)])
     mask = torch.stack([dataset[i]["brainmask"] for i in range(5)])
     first = method.score(images, mask)
@@ -76,17 +140,164 @@ def test_method_contract(name, tmp_path):
     if method.has_reconstruction:
         assert first.reconstruction is not None
         assert first.reconstruction.shape == images.shape
+    else:
+        assert first.reconstruction is None
     # Scoring twice in a row is deterministic too (noise comes from score_seed).
     assert torch.equal(method.score(images, mask).anomaly_map, first.anomaly_map)
 
-    method.save(tmp_path / "model.pt")
-    loaded = Method.load(tmp_path / "model.pt")
+    method.save(tmp_path / "saved.pt")
+    loaded = Method.load(tmp_path / "saved.pt")
     assert type(loaded) is type(method)
     assert loaded.hparams == method.hparams
     second = loaded.score(images, mask)
     assert torch.equal(first.anomaly_map, second.anomaly_map)
     if method.has_reconstruction:
         assert torch.equal(first.reconstruction, second.reconstruction)
+
+    # Through the scoring entry point: a file without reconstruction when there is none.
+    out = tmp_path / "scores.h5"
+    score_dataset_split(
+        model_path=None if not cls.stages else tmp_path / "saved.pt",
+        build=None if cls.stages else {"implementation": name, "model": TINY_HPARAMS[name]},
+        slice_path=cohorts["healthy"].slice_path,
+        splits_path=cohorts["healthy"].splits_path,
+        fold=0,
+        split="val",
+        out_path=out,
+        batch_size=4,
+        device="cpu",
+    )
+    assert ScoresFile(out).has_reconstruction == method.has_reconstruction
+
+
+def test_two_stage_method_starts_from_the_earlier_stage(tmp_path):
+    """The `model` stage loads the modules `pretrain` trained (encoder, head) and nothing
+    else; the pretraining file alone does not make a scorable model."""
+    files = train_every_stage("toy_two_stage", write_cohorts(tmp_path), tmp_path)
+    pretrained = Method.load(files["pretrain"])
+    seed_everything(123)
+    fresh = build_method("toy_two_stage")
+    decoder_before = fresh.decoder.weight.detach().clone()
+    fresh.load_stage("pretrain", files["pretrain"])
+    assert torch.equal(fresh.encoder.weight, pretrained.encoder.weight)
+    assert torch.equal(fresh.pretrain_head.weight, pretrained.pretrain_head.weight)
+    assert torch.equal(fresh.decoder.weight, decoder_before)
+    # The pretrain stage trained only its modules: its decoder is still the initial one.
+    seed_everything(0)
+    initial = build_method("toy_two_stage")
+    assert torch.equal(pretrained.decoder.weight, initial.decoder.weight)
+    assert not torch.equal(pretrained.encoder.weight, initial.encoder.weight)
+    record = json.loads((tmp_path / "model.json").read_text())
+    assert record["consumed"] == {"pretrain": str(files["pretrain"])}
+
+
+def test_weakly_supervised_method_learns_from_slice_labels(tmp_path):
+    """Only labelled slices are bright: after training on the lesion cohort's train split
+    with balanced batches, lesion slices score higher than healthy ones."""
+    cohorts = write_cohorts(tmp_path)
+    seed_everything(0)
+    summary = train_fold(
+        method_name="toy_weak",
+        model_hparams={},
+        training={
+            "max_steps": 60,
+            "batch_size": 8,
+            "learning_rate": 0.05,
+            "checkpoint_every": 60,
+            "sampler": "balanced",
+        },
+        cohorts=[cohorts["lesion"]],
+        fold=1,
+        checkpoint_dir=tmp_path / "ckpt",
+        out_model=tmp_path / "model.pt",
+        out_log=tmp_path / "log.csv",
+        out_config=tmp_path / "config.json",
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
+    assert summary["sampler"] == "balanced"
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["trained_on"]["supervision"] == "image_labels"
+    assert record["trained_on"]["datasets"]["lesion"]["train"] == subjects_in(
+        read_splits(cohorts["lesion"].splits_path), fold=1, split="train"
+    )
+    method = Method.load(tmp_path / "model.pt")
+    data = SliceFile(cohorts["lesion"].slice_path).read(np.arange(16))
+    maps = method.score(
+        torch.from_numpy(data["images"]), torch.from_numpy(data["brainmask"][:, None] * 1.0)
+    ).anomaly_map
+    slice_scores = maps.flatten(1).amax(dim=1).numpy()
+    labels = data["label"].astype(bool)
+    assert labels.any() and (~labels).any()
+    assert slice_scores[labels].min() > slice_scores[~labels].max()
+
+
+def test_healthy_method_refuses_lesion_cohort(tmp_path):
+    cohorts = write_cohorts(tmp_path)
+    with pytest.raises(InputError, match="healthy slices only"):
+        train_fold(
+            method_name="ae",
+            model_hparams=TINY_HPARAMS["ae"],
+            training={"max_steps": 1},
+            cohorts=[cohorts["lesion"]],
+            fold=0,
+            checkpoint_dir=tmp_path / "ckpt",
+            out_model=tmp_path / "model.pt",
+            out_log=tmp_path / "log.csv",
+            out_config=tmp_path / "config.json",
+            seed=0,
+            device="cpu",
+            progress=False,
+        )
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_method_inputs_and_own_size_in_scoring(tmp_path):
+    """A method reading one of two sequences at its own size: maps come back on the slice
+    grid, and the scores file records both; the training-free intensity map of the chosen
+    sequence is that sequence's intensity inside the brain."""
+    size = 32
+    rng = np.random.default_rng(1)
+    images = rng.random((6, 2, size, size)).astype(np.float32)
+    mask = np.ones((6, size, size), np.uint8)
+    slices = tmp_path / "two.h5"
+    with SliceWriter(slices, sequences=["t2", "flair"], height=size, width=size) as writer:
+        writer.append_subject("sub-0", images, mask, np.zeros_like(mask), np.arange(6))
+    method = build_method("intensity", in_channels=1)
+    out = tmp_path / "scores.h5"
+    summary = score_split(
+        method,
+        slice_path=slices,
+        rows=np.arange(6),
+        out_path=out,
+        batch_size=4,
+        device="cpu",
+        attrs={"split": "test"},
+        inputs=["flair"],
+    )
+    assert summary["inputs"] == ["flair"]
+    np.testing.assert_allclose(ScoresFile(out).read()["anomaly_map"], images[:, 1], atol=1e-6)
+    assert ScoresFile(out).inputs == ["flair"]
+
+    resized = tmp_path / "resized.h5"
+    score_split(
+        method,
+        slice_path=slices,
+        rows=np.arange(6),
+        out_path=resized,
+        batch_size=4,
+        device="cpu",
+        attrs={"split": "test"},
+        inputs=["flair"],
+        size=16,
+    )
+    scores = ScoresFile(resized)
+    assert scores.read()["anomaly_map"].shape == (6, size, size)
+    assert int(scores.attrs["method_size"]) == 16
+    # Down and up again: a smoothed copy of the flair channel, not of t2.
+    result = scores.read()["anomaly_map"]
+    assert np.abs(result - images[:, 1]).mean() < np.abs(result - images[:, 0]).mean()
 
 
 @pytest.mark.parametrize("name", available_methods())

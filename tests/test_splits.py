@@ -9,6 +9,7 @@ import pytest
 
 from brainuad.errors import InputError
 from brainuad.slices.splits import (
+    SPLITS,
     check_splits,
     healthy_splits,
     lesion_splits,
@@ -151,3 +152,29 @@ def test_reader_rejects_malformed(tmp_path, text, match):
 def test_reader_missing_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_splits(tmp_path / "absent.csv")
+
+
+def test_lesion_train_split_is_disjoint_seeded_and_shared_by_folds():
+    """`lesion_train_fraction`: a subject-level train part for weakly supervised methods;
+    val and test never meet it, every fold has the same three parts, the seed decides."""
+    subjects = [f"sub-{i:02d}" for i in range(20)]
+    table = lesion_splits(subjects, n_folds=3, val_fraction=0.05, train_fraction=0.75, seed=0)
+    check_splits(table)
+    folds = [by_fold(table, k) for k in range(3)]
+    assert all(f == folds[0] for f in folds)
+    parts = {name: {s for s, split in folds[0].items() if split == name} for name in SPLITS}
+    assert (len(parts["train"]), len(parts["val"]), len(parts["test"])) == (15, 1, 4)
+    other_seed = by_fold(
+        lesion_splits(subjects, n_folds=3, val_fraction=0.05, train_fraction=0.75, seed=1), 0
+    )
+    assert {s for s, split in other_seed.items() if split == "train"} != parts["train"]
+    # No train fraction: the val/test assignment of a study without weak supervision.
+    plain = by_fold(lesion_splits(subjects, n_folds=3, val_fraction=0.05, seed=0), 0)
+    assert set(plain.values()) == {"val", "test"}
+
+
+def test_lesion_train_fraction_rejects():
+    with pytest.raises(InputError, match="lesion_train_fraction"):
+        lesion_splits(LESION, n_folds=2, val_fraction=0.3, train_fraction=1.0, seed=0)
+    with pytest.raises(InputError, match="fewer than 2 for val and test"):
+        lesion_splits(LESION[:2], n_folds=2, val_fraction=0.3, train_fraction=0.5, seed=0)

@@ -9,11 +9,19 @@ from tiny_hparams import AE_TINY, DDPM_TINY
 
 from brainuad.errors import InputError
 from brainuad.methods import build_method
+from brainuad.methods.ae import ConvAutoencoder
 from brainuad.provenance import seed_everything
 from brainuad.slices.hdf5 import SliceDataset, SliceWriter
 from brainuad.training.device import resolve_device
-from brainuad.training.fold import training_data_fingerprint
-from brainuad.training.loop import InfiniteShuffledBatches, TrainingRun, read_log, train
+from brainuad.training.fold import steps_for_epochs, training_data_fingerprint
+from brainuad.training.loop import (
+    InfiniteBalancedBatches,
+    InfiniteShuffledBatches,
+    InfiniteVolumeBatches,
+    TrainingRun,
+    read_log,
+    train,
+)
 
 
 def write_slices(path, brightness: float = 0.5):
@@ -275,3 +283,111 @@ def test_training_run_device_checked_like_scoring(tmp_path):
         resolve_device("gpu0")
     assert str(run_error.value) == str(resolve_error.value)
     assert "gpu0" in str(run_error.value)
+
+
+def test_volume_sampler_epoch_is_one_slice_per_volume():
+    """The cDDPM reference's epoch: each epoch takes exactly one slice of every subject."""
+    subjects = ["a"] * 5 + ["b"] * 3 + ["c"] * 7 + ["d"] * 1
+    stream = iter(InfiniteVolumeBatches(subjects, batch_size=2, seed=4))
+    batches = [next(stream) for _ in range(6)]  # 3 epochs of 4 volumes
+    flat = [i for batch in batches for i in batch]
+    for epoch in range(3):
+        picked = flat[4 * epoch : 4 * epoch + 4]
+        assert sorted(subjects[i] for i in picked) == ["a", "b", "c", "d"]
+    epochs = [tuple(sorted(flat[4 * e : 4 * e + 4])) for e in range(3)]
+    assert len(set(epochs)) > 1, "slices are drawn anew every epoch"
+    resumed = iter(InfiniteVolumeBatches(subjects, batch_size=2, seed=4, start_sample=6))
+    assert [next(resumed) for _ in range(3)] == batches[3:]
+
+
+def test_balanced_sampler_halves_and_resumes():
+    labels = [0] * 10 + [1] * 3
+    stream = iter(InfiniteBalancedBatches(labels, batch_size=4, seed=1))
+    batches = [next(stream) for _ in range(5)]
+    for batch in batches:
+        assert sorted(labels[i] for i in batch) == [0, 0, 1, 1]
+    lesion = [i for batch in batches for i in batch if labels[i]]
+    assert sorted(lesion[:3]) == [10, 11, 12], "each class is a permutation per epoch"
+    resumed = iter(InfiniteBalancedBatches(labels, batch_size=4, seed=1, start_sample=8))
+    assert [next(resumed) for _ in range(3)] == batches[2:]
+    with pytest.raises(InputError, match="healthy and lesion"):
+        InfiniteBalancedBatches([0, 0], batch_size=2, seed=0)
+
+
+def test_best_checkpoint_is_scored_when_asked(slices, tmp_path):
+    """`score_checkpoint: best` returns the weights of the lowest validation loss, kept in
+    best.pt; `last` returns the final weights. The best is remembered across a resume."""
+    dataset = SliceDataset(slices)
+    # A learning rate so large that the AE diverges after its first validation.
+    settings = {"max_steps": 12, "validate_every": 3, "checkpoint_every": 3, "learning_rate": 1.0}
+    last = fresh("ae", AE_TINY)
+    train(last, dataset, dataset, make_run(tmp_path / "last", **settings))
+    best = fresh("ae", AE_TINY)
+    run = make_run(tmp_path / "best", score_checkpoint="best", **settings)
+    summary = train(best, dataset, dataset, run)
+    rows = [r for r in read_log(run.log_path) if r["val_loss"]]
+    val = {int(r["step"]): float(r["val_loss"]) for r in rows}
+    assert summary["best_step"] == min(val, key=val.get)
+    assert summary["best_val_loss"] == min(val.values())
+    stored = torch.load(run.best_path, weights_only=True)
+    assert stored["step"] == summary["best_step"]
+    for key, value in stored["model"].items():
+        assert torch.equal(best.state_dict()[key], value), key
+    if summary["best_step"] != 12:
+        assert any(not torch.equal(last.state_dict()[k], v) for k, v in best.state_dict().items())
+    # A finished run re-run returns the best weights again.
+    again = fresh("ae", AE_TINY, seed=5)
+    assert train(again, dataset, dataset, run)["best_step"] == summary["best_step"]
+    for key, value in stored["model"].items():
+        assert torch.equal(again.state_dict()[key], value), key
+    with pytest.raises(InputError, match="needs validation"):
+        train(
+            fresh("ae", AE_TINY), dataset, None, make_run(tmp_path / "x", score_checkpoint="best")
+        )
+
+
+class _DecayingAE(ConvAutoencoder):
+    """The tiny AE with a step-decay learning-rate schedule (not registered)."""
+
+    name = "ae"
+
+    def configure_lr_scheduler(self, optimizer, max_steps, stage="model"):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+
+
+def test_lr_schedule_is_logged_and_resumed(slices, tmp_path):
+    dataset = SliceDataset(slices)
+    seed_everything(7)
+    reference = _DecayingAE(**AE_TINY)
+    train(reference, dataset, None, make_run(tmp_path / "ref", max_steps=9))
+    lrs = [float(r["lr"]) for r in read_log(tmp_path / "ref" / "log.csv")]
+    assert lrs == [1e-3] * 3 + [5e-4] * 3 + [2.5e-4] * 3
+
+    def interrupt(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    run = make_run(tmp_path / "cut", max_steps=9)
+    seed_everything(7)
+    with pytest.raises(KeyboardInterrupt):
+        train(_DecayingAE(**AE_TINY), dataset, None, run, on_step=interrupt)
+    seed_everything(7)
+    train(_DecayingAE(**AE_TINY), dataset, None, run)
+    assert [float(r["lr"]) for r in read_log(run.log_path)] == lrs
+    assert losses(run.log_path) == losses(tmp_path / "ref" / "log.csv")
+
+
+def test_unknown_stage_and_stage_in_checkpoint(slices, tmp_path):
+    dataset = SliceDataset(slices)
+    with pytest.raises(InputError, match="no stage 'pretrain'"):
+        train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path), stage="pretrain")
+    train(fresh("ae", AE_TINY), dataset, None, make_run(tmp_path, max_steps=2))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["stage"] == "model"
+
+
+def test_steps_for_epochs_matches_the_reference():
+    """387 IXI training volumes, batch 32: DDPM's 1600 epochs ≈ 19 350 steps, cDDPM's 1200
+    ≈ 14 513 (issue: 'under 20k' and 'about 14k')."""
+    assert steps_for_epochs(1600, epoch_size=387, batch_size=32) == 19350
+    assert steps_for_epochs(1200, epoch_size=387, batch_size=32) == 14513
+    assert steps_for_epochs(0.01, epoch_size=10, batch_size=32) == 1

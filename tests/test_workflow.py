@@ -9,6 +9,7 @@ invocation would do.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
+# The trained methods of the tiny study (the training-free `intensity` has no training job).
+TRAINED_IN_TINY = ("ae", "ddpm")
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -241,3 +244,92 @@ def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
     assert summary["start_step"] == saved_step
     assert not list(checkpoint_dir.glob(".last.pt.*")), "temporary of the killed write left"
     assert summary["final_step"] == resumed_to
+
+
+TOY_METHODS = ROOT / "tests" / "config" / "toy_methods.yaml"
+
+
+def toy_snakemake(workdir: Path, overlay: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake on tiny.yaml + ``overlay``, with tests/ on PYTHONPATH for toy_methods."""
+    path = [str(ROOT / "tests"), os.getenv("PYTHONPATH", "")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, path))}
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+        "--directory", str(workdir), "--configfile", str(TINY), str(overlay), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result
+
+
+def planned_job_inputs(result: subprocess.CompletedProcess, rule: str) -> dict[str, list[str]]:
+    """For each planned job of ``rule``: its wildcards line -> its input files."""
+    jobs, lines = {}, result.stdout.splitlines()
+    for index, line in enumerate(lines):
+        if line.strip() != f"rule {rule}:":
+            continue
+        block = lines[index + 1 : index + 15]
+        inputs = next(b for b in block if b.strip().startswith("input:"))
+        wildcards = next(b for b in block if b.strip().startswith("wildcards:"))
+        jobs[wildcards.split(":", 1)[1].strip()] = [
+            path.strip() for path in inputs.split(":", 1)[1].split(",")
+        ]
+    return jobs
+
+
+def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
+    """A study's own methods plug in (method_modules); the two-stage method plans two training
+    jobs per fold, the later one reading the earlier one's file; the weakly supervised one
+    reads its lesion cohort (train split) only, and no healthy-only method reads a lesion
+    cohort; every method is scored on the same test subjects' splits files."""
+    result = toy_snakemake(tmp_path, TOY_METHODS, "-n")
+    jobs = planned_jobs(result)
+    assert jobs["train_stage"] == 2, jobs  # toy_two_stage's pretraining, 2 folds
+    trained = planned_job_inputs(result, "train_model")
+    stages = planned_job_inputs(result, "train_stage")
+    assert set(stages) == {f"method=toy_two_stage, fold={k}, stage=pretrain" for k in (0, 1)}
+    for wildcards, inputs in trained.items():
+        fold = wildcards.split("fold=")[1].split(",")[0]
+        if wildcards.startswith("method=toy_weak"):
+            assert inputs == ["results/slices/synth_brats.h5", "results/splits/synth_brats.csv"]
+        else:
+            assert not any("synth_brats" in path for path in inputs), (wildcards, inputs)
+        if wildcards.startswith("method=toy_two_stage"):
+            assert f"results/models/toy_two_stage/fold{fold}/pretrain.pt" in inputs
+    assert {w.split(",")[0] for w in trained} == {
+        "method=ae", "method=ddpm", "method=toy_two_stage", "method=toy_weak",
+        *(f"method={m}" for m in TRAINED_IN_TINY if m not in ("ae", "ddpm")),
+    }  # fmt: skip
+    # The training-free baseline is scored without a model file.
+    scored = planned_job_inputs(result, "score_split")
+    intensity = [inputs for w, inputs in scored.items() if w.startswith("method=intensity")]
+    assert intensity and all(not any(".pt" in p for p in i) for i in intensity)
+
+
+@pytest.mark.slow
+def test_two_stage_method_trains_in_order_and_retrains_from_a_deleted_stage(
+    tiny_study: Path,
+) -> None:
+    """In the built tiny study: the two-stage toy method trains its pretraining, then the
+    model from it; deleting the pretraining file of one fold replans that fold's two
+    training jobs only."""
+    overlay = tiny_study / "two_stage.yaml"
+    overlay.write_text(
+        "method_modules: [toy_methods]\n"
+        "methods:\n  toy_two_stage:\n    training: {max_steps: 3, batch_size: 4,"
+        " checkpoint_every: 3, validate_every: 3}\n"
+    )
+    models = tiny_study / "results" / "models" / "toy_two_stage"
+    targets = [f"results/models/toy_two_stage/fold{k}/model.pt" for k in (0, 1)]
+    result = toy_snakemake(tiny_study, overlay, "--cores", "2", *targets)
+    assert "train_stage" in result.stdout + result.stderr
+    for k in (0, 1):
+        record = json.loads((models / f"fold{k}" / "config.json").read_text())
+        assert record["stage"] == "model"
+        assert record["consumed"] == {
+            "pretrain": f"results/models/toy_two_stage/fold{k}/pretrain.pt"
+        }
+        assert (models / f"fold{k}" / "pretrain_train_log.csv").exists()
+    (models / "fold1" / "pretrain.pt").unlink()
+    jobs = planned_jobs(toy_snakemake(tiny_study, overlay, "-n", *targets))
+    assert jobs == {"train_stage": 1, "train_model": 1}, jobs

@@ -12,3 +12,5 @@ DDPM_TINY = {
     "norm_num_groups": 8,
 }
 TINY_HPARAMS: dict[str, dict] = {"ae": AE_TINY, "ddpm": DDPM_TINY}
+INTENSITY_TINY: dict = {}
+TINY_HPARAMS.update(intensity=INTENSITY_TINY, toy_two_stage={}, toy_weak={})

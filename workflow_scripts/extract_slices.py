@@ -18,6 +18,7 @@ with rule_logging(snakemake.log[0]) as log:
         sequences=params.sequences,
         size=params.size,
         min_brain_fraction=params.min_brain_fraction,
+        min_lesion_pixels=params.min_lesion_pixels,
         attrs={
             "dataset": dataset,
             "preprocess": params.preprocess,

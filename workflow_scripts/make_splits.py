@@ -18,6 +18,7 @@ with rule_logging(snakemake.log[0]) as log:
             params.subjects,
             n_folds=options["n_folds"],
             val_fraction=options.get("lesion_val_fraction", 0.3),
+            train_fraction=options.get("lesion_train_fraction", 0.0),
             seed=params.seed,
         )
     write_splits(table, snakemake.output[0])

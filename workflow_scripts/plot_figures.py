@@ -10,10 +10,12 @@ with rule_logging(snakemake.log[0]):
     params = snakemake.params
     inputs, output = snakemake.input, snakemake.output
     by_run = list(product(params.methods, params.folds))
+    # Training-free methods have no training log.
+    trained_runs = list(product(params.trained_methods, params.folds))
     by_dataset = list(product(params.methods, params.folds, params.datasets))
     build_figures(
         metric_paths=dict(zip(by_dataset, inputs.metrics, strict=True)),
-        train_logs=dict(zip(by_run, inputs.train_logs, strict=True)),
+        train_logs=dict(zip(trained_runs, inputs.train_logs, strict=True)),
         test_scores=dict(zip(by_dataset, inputs.scores, strict=True)),
         slices=dict(zip(params.datasets, inputs.slices, strict=True)),
         thresholds=dict(zip(by_run, inputs.thresholds, strict=True)),

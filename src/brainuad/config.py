@@ -42,10 +42,82 @@ def check_config(config: dict[str, Any]) -> None:
                 f"slices.sequences: '{sequence}' is not preprocessed; "
                 f"add it to preprocess.sequences {sequences}"
             )
+    check_methods(config)
     protocol = config["evaluation"].get("default_protocol", "healthy_fpr_5")
     valid = calibration_protocols(config)
     if protocol not in valid:
         raise ConfigError(f"evaluation.default_protocol: '{protocol}' is not one of {valid}")
+
+
+def check_methods(config: dict[str, Any]) -> None:
+    """Raise ConfigError unless every entry of ``methods`` fits its implementation and the
+    data: a registered implementation, inputs among the sliced sequences, a training length
+    per stage, stage overrides naming real stages, and, for weakly supervised stages,
+    lesion cohorts with a train split to learn from."""
+    from brainuad.errors import InputError
+    from brainuad.methods.registry import import_method_modules, method_class
+
+    import_method_modules(config.get("method_modules", []))
+    datasets = config["datasets"]
+    healthy = config["healthy_dataset"]
+    sliced = config["slices"]["sequences"]
+    lesion_train_fraction = config["splits"].get("lesion_train_fraction", 0)
+    for name, spec in config["methods"].items():
+        where = f"methods.{name}"
+        implementation = spec.get("method", name)
+        try:
+            cls = method_class(implementation)
+        except InputError as error:
+            raise ConfigError(f"{where}.method: {error}") from None
+        for sequence in spec.get("inputs") or []:
+            if sequence not in sliced:
+                raise ConfigError(
+                    f"{where}.inputs: '{sequence}' is not in slices.sequences {sliced}"
+                )
+        training = dict(spec.get("training", {}))
+        overrides = training.pop("stages", {}) or {}
+        stage_names = [stage.name for stage in cls.stages]
+        for stage_name, settings in overrides.items():
+            if stage_name not in stage_names:
+                raise ConfigError(
+                    f"{where}.training.stages.{stage_name}: '{implementation}' has no such "
+                    f"stage; its stages: {stage_names}"
+                )
+            if "stages" in settings:
+                raise ConfigError(f"{where}.training.stages.{stage_name}.stages: not allowed")
+        for stage in cls.stages:
+            settings = training | overrides.get(stage.name, {})
+            key = f"{where}.training" + (f".stages.{stage.name}" if stage.name in overrides else "")
+            if ("max_steps" in settings) == ("max_epochs" in settings):
+                raise ConfigError(
+                    f"{key}: give exactly one of max_steps and max_epochs "
+                    f"(stage '{stage.name}' of '{implementation}')"
+                )
+            weak = cls.stage_supervision(stage.name) == "image_labels"
+            if settings.get("sampler") == "balanced" and not weak:
+                raise ConfigError(
+                    f"{key}.sampler: 'balanced' needs slice labels, but stage '{stage.name}' "
+                    f"of '{implementation}' trains on healthy slices only"
+                )
+            if not weak:
+                continue
+            if not lesion_train_fraction > 0:
+                raise ConfigError(
+                    f"{where}: '{implementation}' (stage '{stage.name}') is weakly supervised and "
+                    "trains on lesion cohorts' train split, but splits.lesion_train_fraction is "
+                    f"{lesion_train_fraction}; set it > 0"
+                )
+        for dataset in spec.get("train_datasets", []):
+            if dataset not in datasets:
+                raise ConfigError(
+                    f"{where}.train_datasets: '{dataset}' is not one of the datasets "
+                    f"{sorted(datasets)}"
+                )
+            if dataset != healthy and datasets[dataset]["lesion"] == "none":
+                raise ConfigError(
+                    f"{where}.train_datasets: '{dataset}' is a healthy cohort other than "
+                    f"healthy_dataset '{healthy}'; it has no train split"
+                )
 
 
 def healthy_fpr_protocol(fpr: float) -> str:

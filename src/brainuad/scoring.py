@@ -1,7 +1,11 @@
 """Scoring: run a trained method over rows of a slice file and write a scores file.
 
 Maps are raw (no masking, filtering or thresholding): post-processing belongs to evaluation,
-so one scores file serves every post-processing variant.
+so one scores file serves every post-processing variant. A method reads the sequences it
+names (``inputs``) and may run at its own size; its maps are resampled back to the slice
+file's grid, and both are recorded in the scores file (attributes ``inputs``,
+``method_size``), which the evaluation reads to compare reconstructions with the right
+channels.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from tqdm.auto import tqdm
 
 from brainuad.errors import InputError
 from brainuad.io.scores import ScoresWriter
-from brainuad.methods import Method  # the package import registers every method
+from brainuad.methods import Method, build_method  # the import registers every method
 from brainuad.provenance import provenance
 from brainuad.slices.hdf5 import SliceFile
+from brainuad.slices.resize import resize_image, resize_map, resize_mask
 from brainuad.slices.splits import read_splits, subjects_in
 from brainuad.training.device import resolve_device
 
@@ -33,6 +38,8 @@ def score_split(
     batch_size: int,
     device: str = "auto",
     attrs: dict[str, Any],
+    inputs: Sequence[str] | None = None,
+    size: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``rows`` of the slice file (in the given order) and write ``out_path``.
@@ -47,6 +54,10 @@ def score_split(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         attrs: file attributes (``method``, ``fold``, ``dataset``, ``split``, ...); a
             ``provenance`` record and the method's ``hparams`` are added unless given.
+        inputs: the sequences the method reads, in its channel order (default: all).
+        size: the method's working size (default: the slice size); slices are resampled
+            to it and the maps back to the slice grid. Reconstructions stay at the method's
+            size when it differs from the slice size (they are then not stored).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -62,7 +73,12 @@ def score_split(
         raise InputError(
             f"{slice_path}: rows must lie in [0, {len(slices)}), got {rows.min()} … {rows.max()}"
         )
-    _, channels, height, width = slices.shape
+    _, _, height, width = slices.shape
+    channel_index = slices.channel_indices(inputs)
+    sequences = [slices.sequences[i] for i in channel_index]
+    size = None if size is None or int(size) == width == height else int(size)
+    # A reconstruction at another size than the slice grid has no voxel-wise counterpart.
+    keep_reconstruction = method.has_reconstruction and size is None
     torch_device = resolve_device(device)
     method.to(torch_device)
     method.eval()
@@ -71,6 +87,8 @@ def score_split(
         "hparams": method.hparams,
         "provenance": provenance(),
         "batch_size": batch_size,
+        "inputs": sequences,
+        "method_size": size or width,
     } | dict(attrs)
 
     start = time.perf_counter()
@@ -80,7 +98,7 @@ def score_split(
             rows=rows,
             height=height,
             width=width,
-            channels=channels if method.has_reconstruction else None,
+            channels=len(sequences) if keep_reconstruction else None,
             attrs=file_attrs,
         ) as writer,
         tqdm(
@@ -93,12 +111,15 @@ def score_split(
     ):
         for begin in range(0, rows.size, batch_size):
             batch = slices.read(rows[begin : begin + batch_size])
-            images = torch.from_numpy(batch["images"]).to(torch_device)
+            images = torch.from_numpy(batch["images"][:, channel_index])
             brainmask = torch.from_numpy(batch["brainmask"][:, None].astype(np.float32))
-            out = method.score(images, brainmask.to(torch_device))
-            reconstruction = out.reconstruction
+            if size is not None:
+                images, brainmask = resize_image(images, size), resize_mask(brainmask, size)
+            out = method.score(images.to(torch_device), brainmask.to(torch_device))
+            anomaly_map = resize_map(out.anomaly_map.float().cpu(), height, width)
+            reconstruction = out.reconstruction if keep_reconstruction else None
             writer.write(
-                out.anomaly_map.float().cpu().numpy(),
+                anomaly_map.numpy(),
                 None if reconstruction is None else reconstruction.float().cpu().numpy(),
             )
             bar.update(images.shape[0])
@@ -109,13 +130,15 @@ def score_split(
         "batch_size": batch_size,
         "device": str(torch_device),
         "seconds": time.perf_counter() - start,
-        "has_reconstruction": method.has_reconstruction,
+        "has_reconstruction": keep_reconstruction,
+        "inputs": sequences,
+        "method_size": size or width,
     }
 
 
 def score_dataset_split(
     *,
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | None,
     slice_path: str | os.PathLike,
     splits_path: str | os.PathLike,
     fold: int,
@@ -124,14 +147,20 @@ def score_dataset_split(
     batch_size: int,
     device: str = "auto",
     attrs: dict[str, Any] | None = None,
+    inputs: Sequence[str] | None = None,
+    size: int | None = None,
+    build: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score every slice of the subjects in ``split`` of fold ``fold`` (what ``score_split``
-    runs): rows in slice-file order, written to ``out_path``."""
+    runs): rows in slice-file order, written to ``out_path``.
+
+    The method is loaded from ``model_path``, or, for a method without trained stages, built
+    from ``build`` (``{"implementation": name, "model": hyperparameters}``)."""
     subjects = subjects_in(read_splits(splits_path), fold=fold, split=split)
     if not subjects:
         raise InputError(f"{splits_path}: fold {fold} has no subject in split {split!r}")
     rows = SliceFile(slice_path).rows_for_subjects(subjects)
-    method = Method.load(model_path)
+    method = _scoring_method(model_path, build, n_inputs=len(inputs) if inputs else None)
     record = {"fold": fold, "split": split, "subjects": subjects, "model": str(model_path)}
     record.update(attrs or {})
     return score_split(
@@ -142,4 +171,24 @@ def score_dataset_split(
         batch_size=batch_size,
         device=device,
         attrs=record,
+        inputs=inputs,
+        size=size,
     )
+
+
+def _scoring_method(
+    model_path: str | os.PathLike | None, build: dict[str, Any] | None, n_inputs: int | None
+) -> Method:
+    if (model_path is None) == (build is None):
+        raise InputError("scoring needs either a trained model file or a training-free method")
+    if model_path is not None:
+        return Method.load(model_path)
+    hparams = dict(build.get("model") or {})
+    if n_inputs is not None:
+        hparams.setdefault("in_channels", n_inputs)
+    method = build_method(build["implementation"], **hparams)
+    if method.stages:
+        raise InputError(
+            f"method {build['implementation']!r} has trained stages; score it from its model file"
+        )
+    return method

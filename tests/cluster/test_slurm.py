@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from workflow_rules import network_rules
 
 pytestmark = pytest.mark.cluster
 
@@ -38,7 +39,7 @@ COPY_IGNORE = shutil.ignore_patterns(
 )  # fmt: skip
 # The real study's target: the data stage and one model of one fold of config/tiny.yaml.
 TINY_TARGET = "results/models/ae/fold0/model.pt"
-GPU_RULES = {"train_model", "score_split"}
+GPU_RULES = network_rules()
 
 
 def run(cmd: list[str], timeout: float = 30, **kwargs) -> subprocess.CompletedProcess[str]:

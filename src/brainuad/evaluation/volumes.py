@@ -115,6 +115,9 @@ def _assemble(
     scored = scores.read(positions, reconstruction=want_reco)
     rows = scored["row"]
     data = slices.read(rows)
+    if with_images and scores.inputs is not None:
+        # Compare reconstructions with the channels the method read, in its order.
+        data["images"] = data["images"][:, slices.channel_indices(scores.inputs)]
     amap = scored["anomaly_map"]
     if amap.shape[1:] != data["brainmask"].shape[1:]:
         raise InputError(

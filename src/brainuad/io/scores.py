@@ -13,7 +13,8 @@ reconstruction  float32  [M, C, H, W]   optional: the method's pseudo-healthy im
 
 Rows are aligned one for one with the ``row`` entries, which index the slice file; so
 brain masks, labels and subjects are always read from the one slice file, never copied.
-Attributes: ``method``, ``fold``, ``dataset``, ``split`` and a JSON provenance record.
+Attributes: ``method``, ``fold``, ``dataset``, ``split``, ``inputs`` (the sequences the
+method read, the reconstruction's channels), ``method_size`` and a JSON provenance record.
 """
 
 from __future__ import annotations
@@ -115,6 +116,13 @@ class ScoresFile:
             self.rows: np.ndarray = f["row"][:]
             self.has_reconstruction = "reconstruction" in f
             self.attrs: dict[str, Any] = dict(f.attrs)
+
+    @property
+    def inputs(self) -> list[str] | None:
+        """The sequences the method read, in the order of the reconstruction's channels
+        (None in files written before methods chose their inputs: all sequences)."""
+        value = self.attrs.get("inputs")
+        return None if value is None else list(json.loads(value))
 
     def read(
         self, positions: np.ndarray | slice | None = None, reconstruction: bool = False

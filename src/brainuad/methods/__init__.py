@@ -6,12 +6,13 @@ Importing this package registers every built-in method::
     method = build_method("ddpm", channels=(32, 64, 64))
 """
 
-from brainuad.methods import ae, ddpm  # noqa: F401  (registers the built-in methods)
+from brainuad.methods import ae, ddpm, intensity  # noqa: F401  (registers the built-in methods)
 from brainuad.methods.base import Method, ScoreOutput
 from brainuad.methods.registry import (
     available_methods,
     build_method,
     default_hparams,
+    import_method_modules,
     method_class,
     register,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "available_methods",
     "build_method",
     "default_hparams",
+    "import_method_modules",
     "method_class",
     "register",
 ]

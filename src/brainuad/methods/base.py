@@ -1,9 +1,12 @@
 """The contract every anomaly-detection method fulfils.
 
-A method is a ``torch.nn.Module`` with keyword-only hyperparameters, a training loss on a
-batch of healthy slices, and a deterministic scoring function that turns slices into
-pixel-wise anomaly maps. Training itself is not the method's business: ``fit`` hands the
-method to the one shared loop in :mod:`brainuad.training.loop`.
+A method is a ``torch.nn.Module`` with keyword-only hyperparameters, one or more trained
+**stages** (each a loss on a batch of slices and the parameters it trains), and a
+deterministic scoring function that turns slices into pixel-wise anomaly maps. Training
+itself is not the method's business: the workflow trains every stage with the one shared
+loop (:func:`brainuad.training.fold.train_fold` → :func:`brainuad.training.loop.train`),
+in the order the stages declare, each stage its own Snakemake job. A method with no stage
+(a training-free baseline) is built from its hyperparameters and scored directly.
 
 Shapes: ``B`` batch, ``C`` sequences (channels), ``H`` × ``W`` slice size. Images are
 normalised to [0, 1] with 0 outside the brain.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -24,11 +27,35 @@ from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from torch.utils.data import Dataset
-
-    from brainuad.training.loop import TrainingRun
+    from torch.optim.lr_scheduler import LRScheduler
 
 CHECKPOINT_FORMAT = "brainuad.method/1"
+#: The name of the last stage of every trained method: its file is ``model.pt``.
+FINAL_STAGE = "model"
+Supervision = Literal["healthy", "image_labels"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One trained stage of a method: one Snakemake job, one run of the shared loop.
+
+    Attributes:
+        name: the stage's name; the last stage of a method is always ``"model"``
+            (``FINAL_STAGE``), written to ``model.pt``; an earlier stage ``s`` is written to
+            ``{s}.pt`` next to it.
+        consumes: earlier stages whose trained modules this stage starts from (their files
+            are inputs of this stage's job, and ``Method.load_stage`` copies the modules in).
+        modules: names of the submodules this stage trains and hands on to later stages;
+            empty: the whole method.
+        supervision: the data this stage reads: ``"healthy"`` (healthy slices only) or
+            ``"image_labels"`` (healthy and lesion slices with their slice labels); None: the
+            method's ``supervision``.
+    """
+
+    name: str
+    consumes: tuple[str, ...] = ()
+    modules: tuple[str, ...] = field(default=())
+    supervision: Supervision | None = None
 
 
 @dataclass(frozen=True)
@@ -50,12 +77,17 @@ class Method(torch.nn.Module, abc.ABC):
 
     Subclasses define a keyword-only constructor whose arguments are the hyperparameters,
     call ``super().__init__(**hyperparameters)`` first (stored in ``self.hparams`` and saved
-    with the weights), and implement :meth:`training_loss` and :meth:`_score`.
+    with the weights), and implement :meth:`training_loss` and :meth:`_score`. A method of
+    several stages declares them in ``stages`` and implements :meth:`stage_loss` (and, where
+    a stage trains only part of the method, names that part in ``Stage.modules``).
 
     Class attributes:
         name: the registry name (set by ``register``).
-        supervision: ``"healthy"`` (trained on healthy slices only) or ``"image_labels"``
-            (also uses slice-level labels).
+        supervision: ``"healthy"`` (trained on healthy slices only; the workflow never hands
+            it a lesion cohort for training) or ``"image_labels"`` (trained on the training
+            subjects of lesion cohorts too, with slice-level labels).
+        stages: the trained stages, in training order; the last is named ``"model"``. An
+            empty tuple: the method needs no training (it is built and scored directly).
         has_reconstruction: whether ``score`` returns a reconstruction.
         default_learning_rate, default_batch_size: the paper's values, used when the
             ``TrainingRun`` leaves them unset.
@@ -66,7 +98,8 @@ class Method(torch.nn.Module, abc.ABC):
     """
 
     name: ClassVar[str] = ""
-    supervision: ClassVar[Literal["healthy", "image_labels"]] = "healthy"
+    supervision: ClassVar[Supervision] = "healthy"
+    stages: ClassVar[tuple[Stage, ...]] = (Stage(FINAL_STAGE),)
     has_reconstruction: ClassVar[bool] = True
     default_learning_rate: ClassVar[float] = 1e-4
     default_batch_size: ClassVar[int] = 32
@@ -78,37 +111,93 @@ class Method(torch.nn.Module, abc.ABC):
 
     # -- training --------------------------------------------------------------------------
 
+    @classmethod
+    def stage(cls, name: str) -> Stage:
+        """The declared stage called ``name`` (InputError listing the stages otherwise)."""
+        for stage in cls.stages:
+            if stage.name == name:
+                return stage
+        raise InputError(
+            f"method {cls.name!r} has no stage {name!r}; stages: {[s.name for s in cls.stages]}"
+        )
+
+    @classmethod
+    def stage_supervision(cls, name: str) -> Supervision:
+        """What stage ``name`` trains on: its own ``supervision`` or the method's."""
+        return cls.stage(name).supervision or cls.supervision
+
     @abc.abstractmethod
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar loss on a collated batch of slices.
+        """Scalar loss of the final stage (``"model"``) on a collated batch of slices.
 
         Args:
-            batch: at least ``image`` float32 ``[B, C, H, W]`` and ``brainmask`` float32
-                ``[B, 1, H, W]``, on the model's device (also ``label`` ``[B]``, ``row``).
+            batch: ``image`` float32 ``[B, C, H, W]`` in [0, 1] and ``brainmask`` float32
+                ``[B, 1, H, W]``, on the model's device; also ``label`` ``[B]`` (1: the
+                slice has a lesion; read it only in ``image_labels`` stages), ``row``.
         """
 
-    def configure_optimizer(self, learning_rate: float) -> torch.optim.Optimizer:
-        """The optimiser, from the ``optimizer`` and ``weight_decay`` hyperparameters."""
+    def stage_loss(self, stage: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar loss of ``stage`` on a batch (see :meth:`training_loss` for the batch).
+
+        The default serves one-stage methods; a method of several stages overrides it.
+        """
+        if stage != FINAL_STAGE:
+            raise InputError(f"method {self.name!r}: no loss for stage {stage!r}")
+        return self.training_loss(batch)
+
+    def stage_parameters(self, stage: str) -> list[torch.nn.Parameter]:
+        """Parameters trained by ``stage``: those of its ``modules``, or all of them."""
+        modules = self.stage(stage).modules
+        if not modules:
+            return list(self.parameters())
+        return [p for name in modules for p in self.get_submodule(name).parameters()]
+
+    def configure_optimizer(
+        self, learning_rate: float, stage: str = FINAL_STAGE
+    ) -> torch.optim.Optimizer:
+        """The optimiser of ``stage``, from the ``optimizer`` and ``weight_decay``
+        hyperparameters, over :meth:`stage_parameters`."""
         kind = self.hparams.get("optimizer", "adam")
         weight_decay = float(self.hparams.get("weight_decay", 0.0))
+        parameters = self.stage_parameters(stage)
         if kind == "adam":
-            return torch.optim.Adam(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
+            return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
         if kind == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
+            return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
         raise InputError(f"method {self.name!r}: optimizer {kind!r}, expected 'adam' or 'adamw'")
 
-    def fit(
-        self,
-        train: Dataset,
-        val: Dataset | None,
-        run: TrainingRun,
-        *,
-        data_fingerprint: str | None = None,
-    ) -> dict[str, Any]:
-        """Train with the shared loop (checkpoints, resume, logging); returns its summary."""
-        from brainuad.training.loop import train as train_loop
+    def configure_lr_scheduler(
+        self, optimizer: torch.optim.Optimizer, max_steps: int, stage: str = FINAL_STAGE
+    ) -> LRScheduler | None:
+        """A learning-rate schedule stepped once per optimiser step, or None (constant).
 
-        return train_loop(self, train, val, run, data_fingerprint=data_fingerprint)
+        The loop saves its state in the training checkpoint, so a resumed run continues it.
+        """
+        return None
+
+    def load_stage(self, stage: str, path: str | os.PathLike) -> None:
+        """Start from the modules that earlier stage ``stage`` trained, read from its file.
+
+        Copies the state of ``Stage.modules`` of ``stage`` (the whole method when it names
+        none) from the method saved at ``path``, which must be this same method.
+        """
+        path = Path(path)
+        payload = _read_method_file(path)
+        if payload["name"] != self.name:
+            raise InputError(
+                f"{path}: stage file of method {payload['name']!r}, expected {self.name!r}"
+            )
+        modules = self.stage(stage).modules
+        state = payload["state_dict"]
+        if not modules:
+            self.load_state_dict(state)
+            return
+        for module in modules:
+            prefix = f"{module}."
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if not part:
+                raise InputError(f"{path}: no weights of module {module!r} (stage {stage!r})")
+            self.get_submodule(module).load_state_dict(part)
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -180,17 +269,23 @@ class Method(torch.nn.Module, abc.ABC):
         from brainuad.methods.registry import build_method
 
         path = Path(path)
-        if not path.exists():
-            raise InputError(f"{path}: model file does not exist")
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"{path}: not a brainuad model file (format {CHECKPOINT_FORMAT})")
+        payload = _read_method_file(path, map_location)
         name = payload["name"]
         if cls is not Method and cls.name != name:
             raise InputError(f"{path}: holds method {name!r}, expected {cls.name!r}")
         method = build_method(name, **payload["hparams"])
         method.load_state_dict(payload["state_dict"])
         return method
+
+
+def _read_method_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload of a file written by :meth:`Method.save`, checked for its format."""
+    if not path.exists():
+        raise InputError(f"{path}: model file does not exist")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a brainuad model file (format {CHECKPOINT_FORMAT})")
+    return payload
 
 
 def reconstruction_loss(
@@ -226,4 +321,12 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise InputError(f"hyperparameter {name}={value!r}, expected one of {list(choices)}")
 
 
-__all__ = ["Method", "ScoreOutput", "check_choice", "reconstruction_loss", "residual_map"]
+__all__ = [
+    "FINAL_STAGE",
+    "Method",
+    "ScoreOutput",
+    "Stage",
+    "check_choice",
+    "reconstruction_loss",
+    "residual_map",
+]

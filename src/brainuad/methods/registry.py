@@ -8,8 +8,9 @@ which hyperparameters exist and what their defaults are.
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from brainuad.errors import InputError
@@ -103,3 +104,22 @@ def build_method(name: str, **hparams: Any) -> Method:
         # MONAI validates network arguments with ValueError/AssertionError; surface them as
         # configuration errors, with the hyperparameters that were given.
         raise InputError(f"method {name!r}: invalid hyperparameters {hparams}: {error}") from error
+
+
+def import_method_modules(modules: Iterable[str]) -> None:
+    r"""Import modules that register methods of their own (the config's ``method_modules``).
+
+    A study can benchmark a method kept outside this package: a module on ``PYTHONPATH``
+    that defines and ``@register``\ s it. Importing twice is a no-op.
+
+    Raises:
+        InputError: naming the module when it cannot be imported.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise InputError(
+                f"method_modules: cannot import {module!r} ({error}); it must be importable "
+                "(on PYTHONPATH) by Snakemake and by every job"
+            ) from error

@@ -182,6 +182,7 @@ def build_slice_file(
     size: int,
     min_brain_fraction: float,
     attrs: Mapping[str, Any],
+    min_lesion_pixels: int = 1,
 ) -> dict[str, Any]:
     """Write the slice file of one dataset, subjects in sorted order, atomically.
 
@@ -195,6 +196,8 @@ def build_slice_file(
             :data:`brainuad.slices.hdf5.RESERVED_ATTRS`. The slice settings (``slice_size``,
             ``min_brain_fraction``, ``slice_orientation``) and ``brainuad_version`` are
             recorded as well.
+        min_lesion_pixels: a slice is labelled a lesion slice (``label`` 1) when it has at
+            least this many lesion pixels (recorded in the file).
 
     Returns:
         ``{"n_subjects", "n_slices", "n_lesion_slices", "per_subject": {id: {"n_slices",
@@ -210,7 +213,12 @@ def build_slice_file(
     )
     per_subject: dict[str, dict[str, int]] = {}
     with SliceWriter(
-        out_path, sequences=sequences, height=size, width=size, attrs=file_attrs
+        out_path,
+        sequences=sequences,
+        height=size,
+        width=size,
+        attrs=file_attrs,
+        min_lesion_pixels=min_lesion_pixels,
     ) as writer:
         for subject in sorted(subjects):
             files = subjects[subject]
@@ -232,7 +240,7 @@ def build_slice_file(
             writer.append_subject(
                 subject, slices.images, slices.brainmask, slices.seg, slices.slice_index
             )
-            lesion = int(slices.seg.any(axis=(1, 2)).sum())
+            lesion = int(((slices.seg > 0).sum(axis=(1, 2)) >= min_lesion_pixels).sum())
             per_subject[subject] = {"n_slices": len(slices), "n_lesion_slices": lesion}
     return {
         "n_subjects": len(per_subject),

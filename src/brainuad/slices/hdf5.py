@@ -8,14 +8,18 @@ name           dtype      shape         meaning
 images         float32    [N, C, H, W]  normalised intensities, 0 outside the brain
 brainmask      uint8      [N, H, W]     1 inside the brain
 seg            uint8      [N, H, W]     lesion labels, 0 where healthy
-label          uint8      [N]           1 if the slice has any lesion voxel
+label          uint8      [N]           1 if the slice has ≥ min_lesion_pixels lesion pixels
 subject        str        [N]           subject identifier
 slice_index    int32      [N]           axial index in the preprocessed volume
 =============  =========  ============  ===========================================
 
 The per-slice datasets (images, brainmask, seg) are chunked one slice per chunk and
 compressed with lzf, so reading one row touches one chunk; the 1-D columns use larger
-chunks. Writers are atomic (the file appears under its final name only
+chunks. The slice label (healthy 0 / lesion 1, what weakly supervised methods learn from) is
+1 when the slice has at least ``min_lesion_pixels`` lesion pixels (attribute of the file;
+default 1, i.e. any lesion pixel, as Wolleb et al. and AnoFPDM label their slices).
+
+Writers are atomic (the file appears under its final name only
 when complete). Readers open lazily and never load the image stack into memory.
 
 torch is imported only by :class:`SliceDataset`, so the reporting stage, which reads slice
@@ -40,7 +44,7 @@ from brainuad.io.hdf5 import read_rows
 CONTRACT_VERSION = 1
 _STR = h5py.string_dtype(encoding="utf-8")
 #: File attributes the writer sets itself; caller ``attrs`` must not name them.
-RESERVED_ATTRS = frozenset({"sequences", "contract_version"})
+RESERVED_ATTRS = frozenset({"sequences", "contract_version", "min_lesion_pixels"})
 
 
 class SliceWriter:
@@ -64,8 +68,14 @@ class SliceWriter:
         height: int,
         width: int,
         attrs: dict[str, Any] | None = None,
+        min_lesion_pixels: int = 1,
     ) -> None:
         self.path = Path(path)
+        if int(min_lesion_pixels) != min_lesion_pixels or min_lesion_pixels < 1:
+            raise InputError(
+                f"slices.min_lesion_pixels: {min_lesion_pixels!r}, expected an integer ≥ 1"
+            )
+        self.min_lesion_pixels = int(min_lesion_pixels)
         self.sequences = list(sequences)
         self.height, self.width = int(height), int(width)
         self.attrs = attrs or {}
@@ -105,6 +115,7 @@ class SliceWriter:
         f.create_dataset("subject", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
         f.attrs["sequences"] = json.dumps(self.sequences)
         f.attrs["contract_version"] = CONTRACT_VERSION
+        f.attrs["min_lesion_pixels"] = self.min_lesion_pixels
         for key, value in self.attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         return self
@@ -143,7 +154,8 @@ class SliceWriter:
         f["images"][start:] = images.astype(np.float32)
         f["brainmask"][start:] = (brainmask > 0).astype(np.uint8)
         f["seg"][start:] = seg.astype(np.uint8)
-        f["label"][start:] = (seg > 0).any(axis=(1, 2)).astype(np.uint8)
+        lesion_pixels = (seg > 0).sum(axis=(1, 2))
+        f["label"][start:] = (lesion_pixels >= self.min_lesion_pixels).astype(np.uint8)
         f["slice_index"][start:] = np.asarray(slice_index, dtype=np.int32)
         f["subject"][start:] = np.array([subject] * n, dtype=object)
 
@@ -190,6 +202,22 @@ class SliceFile:
             self._pid = os.getpid()
         return self._file
 
+    def channel_indices(self, sequences: Sequence[str] | None) -> list[int]:
+        """Channel positions of ``sequences`` in this file (all channels when None).
+
+        Raises:
+            InputError: naming the file and its sequences when one is missing.
+        """
+        if sequences is None:
+            return list(range(len(self.sequences)))
+        missing = [s for s in sequences if s not in self.sequences]
+        if missing or not sequences:
+            raise InputError(
+                f"{self.path}: sequences {list(sequences)} requested, the file holds "
+                f"{self.sequences}"
+            )
+        return [self.sequences.index(s) for s in sequences]
+
     def rows_for_subjects(self, subjects: Sequence[str]) -> np.ndarray:
         """Row indices (sorted) of all slices belonging to ``subjects``."""
         wanted = set(subjects)
@@ -227,6 +255,15 @@ class SliceDataset:
 
     Each item is a dict: ``image`` float32 ``[C, H, W]``, ``brainmask`` float32 ``[1, H, W]``,
     ``seg`` uint8 ``[H, W]``, ``label`` int, ``row`` int (index in the slice file).
+
+    Args:
+        path: the slice file.
+        subjects: keep the rows of these subjects (default: all rows, or ``rows``).
+        rows: keep these rows.
+        sequences: the channels to read, by name, in this order (a method's ``inputs``);
+            default: every sequence of the file. ``C`` is their number.
+        size: resample each slice to ``size`` × ``size`` (images bilinearly, masks by
+            nearest neighbour; a method's own working size); default: the file's size.
     """
 
     def __init__(
@@ -234,6 +271,9 @@ class SliceDataset:
         path: str | os.PathLike,
         subjects: Sequence[str] | None = None,
         rows: np.ndarray | None = None,
+        *,
+        sequences: Sequence[str] | None = None,
+        size: int | None = None,
     ) -> None:
         self.slices = SliceFile(path)
         if rows is not None:
@@ -242,6 +282,18 @@ class SliceDataset:
             self.rows = self.slices.rows_for_subjects(subjects)
         else:
             self.rows = np.arange(len(self.slices))
+        self.channels = self.slices.channel_indices(sequences)
+        self.size = None if size is None or size == self.slices.shape[-1] else int(size)
+
+    @property
+    def subjects(self) -> np.ndarray:
+        """Subject of each item ``[len]`` (for per-volume sampling)."""
+        return self.slices.subjects[self.rows]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Slice label of each item ``[len]`` (1: lesion slice; for balanced sampling)."""
+        return self.slices.labels[self.rows]
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -251,10 +303,53 @@ class SliceDataset:
 
         row = int(self.rows[index])
         f = self.slices.file
+        image = torch.from_numpy(f["images"][row][self.channels])
+        brainmask = torch.from_numpy(f["brainmask"][row][None].astype(np.float32))
+        seg = torch.from_numpy(f["seg"][row])
+        if self.size is not None:
+            from brainuad.slices.resize import resize_image, resize_mask
+
+            image = resize_image(image[None], self.size)[0]
+            brainmask = resize_mask(brainmask[None], self.size)[0]
+            seg = resize_mask(seg[None, None], self.size)[0, 0]
         return {
-            "image": torch.from_numpy(f["images"][row]),
-            "brainmask": torch.from_numpy(f["brainmask"][row][None].astype(np.float32)),
-            "seg": torch.from_numpy(f["seg"][row]),
+            "image": image,
+            "brainmask": brainmask,
+            "seg": seg,
             "label": int(self.slices.labels[row]),
             "row": row,
         }
+
+
+class ConcatSliceDataset:
+    """Several :class:`SliceDataset` s (e.g. one per training cohort) as one dataset.
+
+    Items are those of the parts, in order; ``subjects`` are prefixed with the part's
+    dataset name (two cohorts may both have a ``sub-000``), ``labels`` concatenated.
+    """
+
+    def __init__(self, parts: Sequence[SliceDataset], names: Sequence[str]) -> None:
+        if len(parts) != len(names) or not parts:
+            raise InputError("ConcatSliceDataset: expected one name per part, at least one part")
+        self.parts, self.names = list(parts), list(names)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    @property
+    def subjects(self) -> np.ndarray:
+        return np.concatenate(
+            [
+                np.char.add(f"{name}/", part.subjects.astype(str))
+                for name, part in zip(self.names, self.parts, strict=True)
+            ]
+        )
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([part.labels for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][index - int(self.offsets[part])]

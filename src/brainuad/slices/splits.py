@@ -2,9 +2,11 @@
 
 One row per (subject, fold); folds are 0-based and ``table[table.fold == k]`` is the complete
 assignment of fold ``k``. Healthy cohorts get a held-out test set shared by all folds and k-fold
-train/val over the rest; lesion cohorts get one val/test split repeated for every fold (they
-are never trained on). Assignments depend only on the set of subject ids and the seed, never on
-the order the ids are given in.
+train/val over the rest; lesion cohorts get one train/val/test split repeated for every fold:
+the ``train`` part (``splits.lesion_train_fraction``, default 0) is read only by weakly
+supervised methods (slice labels), ``val`` only for calibration and image-label validation,
+and ``test`` is shared by every method. Assignments depend only on the set of subject ids
+and the seed, never on the order the ids are given in.
 """
 
 from __future__ import annotations
@@ -100,31 +102,52 @@ def healthy_splits(
 
 
 def lesion_splits(
-    subjects: Iterable[str], *, n_folds: int, val_fraction: float, seed: int
+    subjects: Iterable[str],
+    *,
+    n_folds: int,
+    val_fraction: float,
+    seed: int,
+    train_fraction: float = 0.0,
 ) -> pd.DataFrame:
-    """One val/test split of a lesion cohort, repeated for each of the ``n_folds`` folds.
+    """One train/val/test split of a lesion cohort, repeated for each of the ``n_folds`` folds.
 
-    ``round(val_fraction * n)`` shuffled subjects go to val, the rest to test; with two or
-    more subjects each split gets at least one. A single subject goes to test.
+    The subjects are sorted and shuffled with ``seed``; the first ``round(train_fraction * n)``
+    go to train (at least one when ``train_fraction > 0``), the next
+    ``round(val_fraction * n)`` to val and the rest to test. With two or more subjects left
+    after train, val and test get at least one each; a single one goes to test. With
+    ``train_fraction = 0`` the val/test assignment is the one of earlier versions.
 
     Raises:
-        InputError: ``n_folds < 2``, ``val_fraction`` outside ``(0, 1)``, no subjects, or
-            duplicate ids.
+        InputError: ``n_folds < 2``, ``val_fraction`` outside ``(0, 1)``, ``train_fraction``
+            outside ``[0, 1)``, no subjects, duplicate ids, or too few subjects to give
+            train, val and test one each.
     """
     n_folds = _check_n_folds(n_folds)
     if not 0.0 < val_fraction < 1.0:
         raise InputError(
             f"splits.lesion_val_fraction: expected a value in (0, 1), got {val_fraction}"
         )
+    if not 0.0 <= train_fraction < 1.0:
+        raise InputError(
+            f"splits.lesion_train_fraction: expected a value in [0, 1), got {train_fraction}"
+        )
     ids = _unique_subjects(subjects, "lesion subjects")
     if not ids:
         raise InputError("lesion subjects: none given, expected at least one")
-    n_val = _round_half_up(val_fraction * len(ids))
-    n_val = min(max(n_val, 1), len(ids) - 1) if len(ids) >= 2 else 0
+    n_train = max(_round_half_up(train_fraction * len(ids)), 1) if train_fraction > 0 else 0
+    if n_train and len(ids) - n_train < 2:
+        raise InputError(
+            f"lesion subjects: {len(ids)} given; splits.lesion_train_fraction={train_fraction} "
+            f"puts {n_train} in train, leaving fewer than 2 for val and test"
+        )
     order = np.random.default_rng(seed).permutation(len(ids))
     shuffled = [ids[i] for i in order]
-    assignment = dict.fromkeys(shuffled[n_val:], "test")
-    assignment.update(dict.fromkeys(shuffled[:n_val], "val"))
+    train, rest = shuffled[:n_train], shuffled[n_train:]
+    n_val = _round_half_up(val_fraction * len(ids))
+    n_val = min(max(n_val, 1), len(rest) - 1) if len(rest) >= 2 else 0
+    assignment = dict.fromkeys(rest[n_val:], "test")
+    assignment.update(dict.fromkeys(rest[:n_val], "val"))
+    assignment.update(dict.fromkeys(train, "train"))
     return _table([assignment] * n_folds)
 
 

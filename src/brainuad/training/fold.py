@@ -1,9 +1,13 @@
-"""Train one method on one fold of the healthy cohort: what the ``train_model`` rule runs.
+"""Train one stage of one method on one fold: what the ``train_model`` and ``train_stage``
+rules run.
 
-Reads the fold's healthy train/val subjects from the splits file, builds the method from
-the config's hyperparameters, runs the shared resumable loop with its checkpoint in a
-folder outside the rule's outputs (so a killed job resumes), then writes the model, the
-training log and a ``config.json`` that records which subjects it saw.
+Reads the fold's training and validation subjects of each training cohort from its splits
+file (the healthy cohort: the fold's ``train``/``val``; a lesion cohort, for weakly supervised
+methods: its ``train``/``val``, the same in every fold), builds the method from the config's
+hyperparameters, loads the modules of the earlier stages it consumes, runs the shared
+resumable loop with its checkpoint in a folder outside the rule's outputs (so a killed job
+resumes), then writes the stage's model file, the training log and a config record of what
+it read.
 
 The checkpoint records a fingerprint of the training slices, so that a checkpoint made on
 other data (a rebuilt slice file, other splits) is refused instead of being resumed or, if
@@ -14,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +30,10 @@ import numpy as np
 
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path, write_text_atomic
-from brainuad.methods import build_method
+from brainuad.methods import build_method, method_class
+from brainuad.methods.base import FINAL_STAGE
 from brainuad.provenance import provenance, seed_everything
-from brainuad.slices.hdf5 import SliceDataset, SliceFile
+from brainuad.slices.hdf5 import ConcatSliceDataset, SliceDataset, SliceFile
 from brainuad.slices.splits import read_splits, subjects_in
 from brainuad.training.loop import TrainingRun, train
 
@@ -49,6 +57,8 @@ def training_data_fingerprint(dataset: SliceDataset) -> str:
         "file_bytes": slices.path.stat().st_size,
         "shape": list(slices.shape),
         "sequences": slices.sequences,
+        "channels": list(getattr(dataset, "channels", range(len(slices.sequences)))),
+        "size": getattr(dataset, "size", None),
         "subjects": sorted(set(slices.subjects[rows].tolist())),
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
@@ -61,43 +71,129 @@ def training_data_fingerprint(dataset: SliceDataset) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class TrainingCohort:
+    """One dataset a stage trains on: its slice file and splits file.
+
+    ``healthy_training_cohort`` is True for the study's healthy cohort (fold-specific
+    train/val), False for a lesion cohort (its train/val split, the same in every fold).
+    """
+
+    dataset: str
+    slice_path: PathLike
+    splits_path: PathLike
+    healthy_training_cohort: bool
+
+
+def _cohort_subjects(cohort: TrainingCohort, fold: int, split: str) -> list[str]:
+    return subjects_in(read_splits(cohort.splits_path), fold=fold, split=split)
+
+
+def steps_for_epochs(epochs: float, *, epoch_size: int, batch_size: int) -> int:
+    """Optimiser steps of ``epochs`` epochs of ``epoch_size`` samples (at least one step).
+
+    With the cDDPM reference's epoch (one slice per training volume, 387 IXI volumes) and
+    batch 32, an epoch is 12.1 steps: DDPM's 1600 epochs are 19 350 steps.
+    """
+    return max(1, math.ceil(epochs * epoch_size / batch_size))
+
+
 def train_fold(
     *,
     method_name: str,
     model_hparams: dict[str, Any],
     training: dict[str, Any],
-    slice_path: PathLike,
-    splits_path: PathLike,
+    cohorts: Sequence[TrainingCohort],
     fold: int,
     checkpoint_dir: PathLike,
     out_model: PathLike,
     out_log: PathLike,
     out_config: PathLike,
     seed: int,
+    stage: str = FINAL_STAGE,
+    consumed: Mapping[str, PathLike] | None = None,
+    inputs: Sequence[str] | None = None,
+    size: int | None = None,
+    variant: str | None = None,
     device: str = "auto",
     study_config: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``method_name`` on fold ``fold``'s healthy training slices.
+    """Train ``stage`` of method ``method_name`` on fold ``fold`` of ``cohorts``.
 
-    ``in_channels`` defaults to the slice file's number of sequences; a different value in
-    ``model_hparams`` is refused. The checkpoint in ``checkpoint_dir`` is resumed only if
-    it was made with the same settings and the same training slices
-    (:func:`training_data_fingerprint`). Returns the loop's summary.
+    Args:
+        method_name: the registered implementation.
+        model_hparams: its hyperparameters; ``in_channels`` defaults to the number of
+            ``inputs`` (a different value is refused).
+        training: ``TrainingRun`` settings of this stage; ``max_epochs`` may replace
+            ``max_steps`` (an epoch is one slice per training volume with the ``volumes``
+            sampler, every training slice otherwise).
+        cohorts: the datasets trained on. A healthy-supervised stage takes exactly the
+            healthy training cohort; an ``image_labels`` stage takes lesion cohorts (and
+            optionally the healthy one).
+        stage: the stage trained; ``consumed`` maps each stage it consumes to its file.
+        inputs: sequences read (a method's ``inputs``), default all of the slice file's.
+        size: the method's working size (slices resampled), default the slice size.
+        variant: the study's name of this configured method (recorded).
+
+    The checkpoint in ``checkpoint_dir`` is resumed only if it was made with the same
+    settings and the same training slices (:func:`training_data_fingerprint`). Returns the
+    loop's summary.
     """
-    slices = SliceFile(slice_path)
-    channels = len(slices.sequences)
+    cls = method_class(method_name)
+    cls.stage(stage)
+    _check_cohorts(method_name, stage, cls.stage_supervision(stage), cohorts)
+    first = SliceFile(cohorts[0].slice_path)
+    sequences = list(inputs) if inputs else list(first.sequences)
     hparams = dict(model_hparams)
-    if hparams.setdefault("in_channels", channels) != channels:
+    if hparams.setdefault("in_channels", len(sequences)) != len(sequences):
         raise InputError(
-            f"methods.{method_name}.model.in_channels: {hparams['in_channels']}, but "
-            f"{slice_path} has {channels} sequence(s) {slices.sequences}"
+            f"methods.{variant or method_name}.model.in_channels: {hparams['in_channels']}, "
+            f"but the method reads {len(sequences)} sequence(s) {sequences}"
         )
-    splits = read_splits(splits_path)
-    train_subjects = subjects_in(splits, fold=fold, split="train")
-    val_subjects = subjects_in(splits, fold=fold, split="val")
+    train_parts, val_parts, record_subjects = [], [], {}
+    for cohort in cohorts:
+        train_subjects = _cohort_subjects(cohort, fold, "train")
+        val_subjects = _cohort_subjects(cohort, fold, "val")
+        if not train_subjects:
+            raise InputError(
+                f"{cohort.splits_path}: fold {fold} has no train subject; for lesion cohorts "
+                "set splits.lesion_train_fraction > 0"
+            )
+        train_parts.append(
+            SliceDataset(cohort.slice_path, subjects=train_subjects, sequences=sequences, size=size)
+        )
+        if val_subjects:
+            val_parts.append(
+                SliceDataset(
+                    cohort.slice_path, subjects=val_subjects, sequences=sequences, size=size
+                )
+            )
+        record_subjects[cohort.dataset] = {"train": train_subjects, "val": val_subjects}
+    names = [c.dataset for c in cohorts]
+    train_dataset = (
+        train_parts[0] if len(train_parts) == 1 else ConcatSliceDataset(train_parts, names)
+    )
+    val_dataset = None
+    if val_parts:
+        val_names = [c.dataset for c in cohorts if record_subjects[c.dataset]["val"]]
+        val_dataset = (
+            val_parts[0] if len(val_parts) == 1 else ConcatSliceDataset(val_parts, val_names)
+        )
+
+    settings = dict(training)
+    max_epochs = settings.pop("max_epochs", None)
+    if max_epochs is not None:
+        batch_size = settings.get("batch_size") or cls.default_batch_size
+        volumes = settings.get("sampler", "slices") == "volumes"
+        epoch_size = len(set(train_dataset.subjects)) if volumes else len(train_dataset)
+        settings["max_steps"] = steps_for_epochs(
+            max_epochs, epoch_size=epoch_size, batch_size=batch_size
+        )
     seed_everything(seed)
     method = build_method(method_name, **hparams)
+    for earlier, path in (consumed or {}).items():
+        method.load_stage(earlier, path)
     checkpoint_dir = Path(checkpoint_dir)
     run = TrainingRun(
         checkpoint_path=checkpoint_dir / "last.pt",
@@ -105,33 +201,66 @@ def train_fold(
         seed=seed,
         device=device,
         progress=progress,
-        **training,
+        **settings,
     )
-    train_dataset = SliceDataset(slice_path, subjects=train_subjects)
     summary = train(
         method,
         train_dataset,
-        SliceDataset(slice_path, subjects=val_subjects) if val_subjects else None,
+        val_dataset,
         run,
-        data_fingerprint=training_data_fingerprint(train_dataset),
+        stage=stage,
+        data_fingerprint=_fingerprint(train_parts),
     )
     method.to("cpu").save(out_model)
     with atomic_path(out_log) as tmp:
         shutil.copyfile(run.log_path, tmp)
     record = {
-        "method": method_name,
+        "method": variant or method_name,
+        "implementation": method_name,
+        "stage": stage,
         "fold": fold,
         "hparams": method.hparams,
         "training": training,
+        "max_epochs": max_epochs,
+        "max_steps": run.max_steps,
+        "inputs": sequences,
+        "size": size or int(first.shape[-1]),
+        "consumed": {k: str(v) for k, v in (consumed or {}).items()},
         "trained_on": {
-            "slices": str(slice_path),
-            "splits": str(splits_path),
-            "train_subjects": train_subjects,
-            "val_subjects": val_subjects,
-            "supervision": method.supervision,
+            "supervision": cls.stage_supervision(stage),
+            "datasets": {
+                c.dataset: {
+                    "slices": str(c.slice_path),
+                    "splits": str(c.splits_path),
+                    **record_subjects[c.dataset],
+                }
+                for c in cohorts
+            },
         },
         "summary": summary,
         "provenance": provenance(study_config),
     }
     write_text_atomic(out_config, json.dumps(record, indent=2, default=str))
     return summary
+
+
+def _check_cohorts(
+    method_name: str, stage: str, supervision: str, cohorts: Sequence[TrainingCohort]
+) -> None:
+    """Healthy-supervised stages read the healthy training cohort and nothing else."""
+    if not cohorts:
+        raise InputError(f"method {method_name!r} stage {stage!r}: no training dataset given")
+    if supervision == "healthy" and (len(cohorts) != 1 or not cohorts[0].healthy_training_cohort):
+        raise InputError(
+            f"method {method_name!r} stage {stage!r} is trained on healthy slices only, but "
+            f"was given {[c.dataset for c in cohorts]}; expected only the healthy cohort"
+        )
+
+
+def _fingerprint(parts: Sequence[SliceDataset]) -> str:
+    if len(parts) == 1:
+        return training_data_fingerprint(parts[0])
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(training_data_fingerprint(part).encode())
+    return digest.hexdigest()

@@ -1,8 +1,15 @@
 """The one training loop shared by every method: step-based, seeded, checkpointed, resumable.
 
-``train(method, train_dataset, val_dataset, run)`` draws random batches from an infinite,
-seeded sampler (epoch ``e`` is the permutation seeded by ``seed + e``), so a run is defined by
-its number of optimiser steps, not epochs. Every ``checkpoint_every`` steps and at the end it
+``train(method, train_dataset, val_dataset, run, stage=...)`` trains one stage of a method
+(:class:`brainuad.methods.base.Stage`) with the stage's loss, parameters, optimiser and
+learning-rate schedule. It draws batches from an infinite, seeded sampler, so a run is defined
+by its number of optimiser steps (the caller converts the reference's epochs into steps). The
+sampler is a setting: ``slices`` (epoch ``e`` is a permutation of the slices seeded by
+``seed + e``), ``volumes`` (the cDDPM reference's epoch: one random slice of every training
+volume) or ``balanced`` (as many lesion as healthy slices per batch, by slice label).
+Optional intensity augmentation (:mod:`brainuad.augment`) is applied to training batches only.
+
+Every ``checkpoint_every`` steps and at the end it
 writes a checkpoint atomically; re-running the same call after a kill resumes from the last
 checkpoint with the step counter, optimiser, RNG states and data order restored, so an
 interrupted run gives the same losses as an uninterrupted one. Re-running a finished run only
@@ -24,10 +31,10 @@ import io
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -45,7 +52,9 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "brainuad.training/2"
+CHECKPOINT_FORMAT = "brainuad.training/3"
+BEST_FORMAT = "brainuad.training-best/1"
+Sampler_ = Literal["slices", "volumes", "balanced"]
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "seconds", "lr")
 
 
@@ -69,6 +78,12 @@ class TrainingRun:
         num_workers: DataLoader worker processes.
         progress: show a tqdm progress bar.
         mixed_precision: bf16 autocast (CUDA only; CPU always trains in fp32).
+        sampler: ``"slices"``, ``"volumes"`` or ``"balanced"`` (module docstring); the
+            dataset must provide ``subjects`` (volumes) or ``labels`` (balanced) per item.
+        augmentation: intensity augmentation settings (:mod:`brainuad.augment`), or None.
+        score_checkpoint: which weights the run returns: ``"last"`` or ``"best"`` (lowest
+            validation loss, kept in ``best.pt`` next to the checkpoint; the cDDPM
+            reference scores the best).
     """
 
     checkpoint_path: Path
@@ -84,6 +99,9 @@ class TrainingRun:
     num_workers: int = 0
     progress: bool = True
     mixed_precision: bool = True
+    sampler: Sampler_ = "slices"
+    augmentation: dict[str, Any] | None = None
+    score_checkpoint: Literal["last", "best"] = "last"
 
     def __post_init__(self) -> None:
         self.checkpoint_path = Path(self.checkpoint_path)
@@ -105,6 +123,19 @@ class TrainingRun:
         if self.num_workers < 0:
             raise InputError(f"TrainingRun.num_workers={self.num_workers!r}, expected ≥ 0")
         check_device_name(self.device)
+        if self.sampler not in ("slices", "volumes", "balanced"):
+            raise InputError(
+                f"training.sampler={self.sampler!r}, expected 'slices', 'volumes' or 'balanced'"
+            )
+        if self.score_checkpoint not in ("last", "best"):
+            raise InputError(
+                f"training.score_checkpoint={self.score_checkpoint!r}, expected 'last' or 'best'"
+            )
+
+    @property
+    def best_path(self) -> Path:
+        """Weights with the lowest validation loss so far, next to the checkpoint."""
+        return self.checkpoint_path.with_name("best.pt")
 
 
 class InfiniteShuffledBatches(Sampler[list[int]]):
@@ -132,16 +163,113 @@ class InfiniteShuffledBatches(Sampler[list[int]]):
             epoch, offset = epoch + 1, 0
 
 
+def _permutation(size: int, seed: int) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class InfiniteVolumeBatches(Sampler[list[int]]):
+    """Endless batches in which an epoch is one random slice of every volume (subject).
+
+    The cDDPM reference's epoch: with 387 training volumes and batch 32 an epoch is about 12
+    steps. Epoch ``e`` (seeded by ``seed + e``) picks one slice per subject and shuffles the
+    subjects; batches run across epoch boundaries; ``start_sample`` resumes the stream.
+    """
+
+    def __init__(
+        self, subjects: Sequence[str], batch_size: int, seed: int, start_sample: int = 0
+    ) -> None:
+        groups: dict[str, list[int]] = {}
+        for index, subject in enumerate(subjects):
+            groups.setdefault(str(subject), []).append(index)
+        self.groups = [groups[s] for s in sorted(groups)]
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.start_sample = int(start_sample)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.groups)
+        epoch, offset = divmod(self.start_sample, n)
+        batch: list[int] = []
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+            picks = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+            for position in order[offset:]:
+                group = self.groups[position]
+                batch.append(group[picks[position] % len(group)])
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            epoch, offset = epoch + 1, 0
+
+
+class InfiniteBalancedBatches(Sampler[list[int]]):
+    """Endless batches with ``batch_size // 2`` lesion slices (label 1) and the rest healthy.
+
+    Each class is its own endless stream of seeded permutations (epoch ``e`` of class ``k``
+    seeded by ``seed + 2 e + k``), so the stream resumes exactly from ``start_sample``.
+
+    Raises:
+        InputError: when either class has no slice.
+    """
+
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, seed: int, start_sample: int = 0
+    ) -> None:
+        labels = np.asarray(labels).astype(bool)
+        self.classes = [np.flatnonzero(~labels).tolist(), np.flatnonzero(labels).tolist()]
+        if not self.classes[0] or not self.classes[1]:
+            raise InputError(
+                f"balanced sampling needs healthy and lesion slices; got "
+                f"{len(self.classes[0])} healthy and {len(self.classes[1])} lesion slices"
+            )
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.per_class = [self.batch_size - self.batch_size // 2, self.batch_size // 2]
+        steps = int(start_sample) // self.batch_size
+        self.start = [steps * k for k in self.per_class]
+
+    def _stream(self, k: int) -> Iterator[int]:
+        members = self.classes[k]
+        epoch, offset = divmod(self.start[k], len(members))
+        while True:
+            for position in _permutation(len(members), self.seed + 2 * epoch + k)[offset:]:
+                yield members[position]
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        streams = [self._stream(0), self._stream(1)]
+        while True:
+            yield [next(streams[k]) for k in (0, 1) for _ in range(self.per_class[k])]
+
+
+def make_batch_sampler(
+    kind: Sampler_, dataset: Dataset, batch_size: int, seed: int, start_sample: int
+) -> Sampler[list[int]]:
+    """The endless batch sampler ``kind`` over ``dataset`` (``TrainingRun.sampler``)."""
+    if kind == "volumes":
+        subjects = getattr(dataset, "subjects", None)
+        if subjects is None:
+            raise InputError("training.sampler 'volumes' needs a dataset with subject ids")
+        return InfiniteVolumeBatches(subjects, batch_size, seed, start_sample)
+    if kind == "balanced":
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            raise InputError("training.sampler 'balanced' needs a dataset with slice labels")
+        return InfiniteBalancedBatches(labels, batch_size, seed, start_sample)
+    return InfiniteShuffledBatches(len(dataset), batch_size, seed, start_sample)
+
+
 def train(
     method: Method,
     train_dataset: Dataset,
     val_dataset: Dataset | None,
     run: TrainingRun,
     *,
+    stage: str = "model",
     data_fingerprint: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` for ``run.max_steps`` steps, resuming from ``run.checkpoint_path``.
+    """Train ``stage`` of ``method`` for ``run.max_steps`` steps, resuming from
+    ``run.checkpoint_path``.
 
     Seed the global RNGs (``seed_everything``) before building the method, so that its
     initial weights are reproducible too; this function seeds everything after that.
@@ -158,6 +286,8 @@ def train(
             ``brainmask`` ``[1, H, W]``, ...).
         val_dataset: healthy validation slices, or None for no validation loss.
         run: the run settings.
+        stage: the stage trained (``Method.stages``): its loss, parameters, optimiser and
+            schedule are used; the checkpoint records it.
         data_fingerprint: identity of the training data (e.g. from
             :func:`brainuad.training.fold.training_data_fingerprint`), stored in the
             checkpoint and compared on resume; None checks only the number of slices.
@@ -168,16 +298,24 @@ def train(
         A summary: method, device, start_step, final_step, steps_run, resumed,
         final_train_loss, final_val_loss, seconds (training wall time over all sessions),
         batch_size, learning_rate, mixed_precision (bf16 autocast in use), train_slices,
-        data_fingerprint, checkpoint_path, log_path.
+        data_fingerprint, checkpoint_path, log_path, stage, sampler, best_step,
+        best_val_loss, scored_checkpoint (``"last"`` or ``"best"``).
     """
     if len(train_dataset) == 0:
         raise InputError(f"training set for method {method.name!r} is empty")
     device = resolve_device(run.device)
     batch_size = run.batch_size or method.default_batch_size
     learning_rate = run.learning_rate or method.default_learning_rate
+    method.stage(stage)  # an unknown stage fails here, before any work
+    if run.score_checkpoint == "best" and (val_dataset is None or len(val_dataset) == 0):
+        raise InputError(
+            f"{method.name} stage {stage!r}: score_checkpoint 'best' needs validation slices"
+        )
     seed_everything(run.seed)
     method.to(device)
-    optimizer = method.configure_optimizer(learning_rate)
+    optimizer = method.configure_optimizer(learning_rate, stage)
+    scheduler = method.configure_lr_scheduler(optimizer, run.max_steps, stage)
+    augment = _build_augmentation(run.augmentation)
     use_amp = device.type == "cuda" and run.mixed_precision
 
     # A job killed mid-checkpoint leaves a full-size temporary behind; this run owns the file.
@@ -185,6 +323,7 @@ def train(
         _LOGGER.info("removed %s, left by a job killed while writing a checkpoint", stale)
     identity = {
         "method": method.name,
+        "stage": stage,
         "hparams": _training_hparams(method, method.hparams),
         "seed": run.seed,
         "batch_size": batch_size,
@@ -192,14 +331,20 @@ def train(
         "mixed_precision": use_amp,
         "train_slices": len(train_dataset),
         "data_fingerprint": data_fingerprint,
+        "sampler": run.sampler,
+        "augmentation": run.augmentation,
     }
     checkpoint = _read_checkpoint(run.checkpoint_path, method, identity)
     start_step, elapsed = 0, 0.0
     last_train_loss: float | None = None
     last_val_loss: float | None = None
+    best: dict[str, Any] = {"step": None, "val_loss": None}
     if checkpoint is not None:
         method.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        best = dict(checkpoint["best"])
         start_step = int(checkpoint["step"])
         elapsed = float(checkpoint["elapsed_seconds"])
         last_train_loss = checkpoint["last_train_loss"]
@@ -217,10 +362,16 @@ def train(
         "data_fingerprint": data_fingerprint,
         "checkpoint_path": str(run.checkpoint_path),
         "log_path": str(run.log_path),
+        "stage": stage,
+        "sampler": run.sampler,
+        "scored_checkpoint": run.score_checkpoint,
     }
     if start_step >= run.max_steps:
+        _use_scored_weights(method, run, best)
         method.eval()
         return summary | {
+            "best_step": best["step"],
+            "best_val_loss": best["val_loss"],
             "final_step": start_step,
             "steps_run": 0,
             "final_train_loss": last_train_loss,
@@ -231,8 +382,8 @@ def train(
     _prepare_log(run.log_path, keep_until=start_step if checkpoint is not None else None)
     loader = DataLoader(
         train_dataset,
-        batch_sampler=InfiniteShuffledBatches(
-            len(train_dataset), batch_size, run.seed, start_sample=start_step * batch_size
+        batch_sampler=make_batch_sampler(
+            run.sampler, train_dataset, batch_size, run.seed, start_step * batch_size
         ),
         num_workers=run.num_workers,
         pin_memory=device.type == "cuda",
@@ -249,7 +400,7 @@ def train(
         total=run.max_steps,
         initial=start_step,
         disable=not run.progress,
-        desc=f"train {method.name}",
+        desc=f"train {method.name}" + ("" if stage == "model" else f" ({stage})"),
         dynamic_ncols=True,
     )
     session_start = time.perf_counter()
@@ -259,8 +410,10 @@ def train(
             log = csv.writer(log_file)
             for step in range(start_step + 1, run.max_steps + 1):
                 batch = _to_device(next(batches), device)
+                if augment is not None:
+                    batch["image"] = augment(batch["image"], batch["brainmask"])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = method.training_loss(batch)
+                    loss = method.stage_loss(stage, batch)
                 if not torch.isfinite(loss):
                     raise RuntimeError(
                         f"{method.name}: training loss is {loss.item()} at step {step}"
@@ -268,6 +421,9 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                current_lr = optimizer.param_groups[0]["lr"]
+                if scheduler is not None:
+                    scheduler.step()
                 last_train_loss = float(loss.detach())
 
                 val_loss: float | None = None
@@ -285,8 +441,12 @@ def train(
                         max_batches=run.validation_batches,
                         mixed_precision=use_amp,
                         num_workers=run.num_workers,
+                        stage=stage,
                     )
                     last_val_loss = val_loss
+                    if best["val_loss"] is None or val_loss < best["val_loss"]:
+                        best = {"step": step, "val_loss": val_loss}
+                        _write_best(run, method, step=step, val_loss=val_loss)
                 seconds = elapsed + time.perf_counter() - session_start
                 log.writerow(
                     [
@@ -294,7 +454,7 @@ def train(
                         repr(last_train_loss),
                         "" if val_loss is None else repr(val_loss),
                         f"{seconds:.3f}",
-                        repr(optimizer.param_groups[0]["lr"]),
+                        repr(current_lr),
                     ]
                 )
                 log_file.flush()
@@ -308,7 +468,9 @@ def train(
                         run,
                         method,
                         optimizer,
+                        scheduler,
                         step=step,
+                        best=best,
                         identity=identity,
                         elapsed=seconds,
                         last_train_loss=last_train_loss,
@@ -318,8 +480,11 @@ def train(
                     on_step(step, last_train_loss)
     finally:
         bar.close()
+    _use_scored_weights(method, run, best)
     method.eval()
     return summary | {
+        "best_step": best["step"],
+        "best_val_loss": best["val_loss"],
         "final_step": step,
         "steps_run": step - start_step,
         "final_train_loss": last_train_loss,
@@ -339,8 +504,9 @@ def validation_loss(
     max_batches: int | None = None,
     mixed_precision: bool = False,
     num_workers: int = 0,
+    stage: str = "model",
 ) -> float:
-    """Mean training loss over ``dataset`` (in order, eval mode, RNG seeded with ``seed``).
+    """Mean loss of ``stage`` over ``dataset`` (in order, eval mode, RNG seeded with ``seed``).
 
     The global RNG state is restored afterwards, so validating does not change training.
     """
@@ -357,7 +523,7 @@ def validation_loss(
                     break
                 batch = _to_device(batch, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-                    loss = method.training_loss(batch)
+                    loss = method.stage_loss(stage, batch)
                 n = int(batch["image"].shape[0])
                 total += float(loss) * n
                 count += n
@@ -424,12 +590,49 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _build_augmentation(settings: dict[str, Any] | None):
+    """The intensity augmentation of ``settings`` (None: none)."""
+    if not settings:
+        return None
+    from brainuad.augment import build_intensity_augmentation
+
+    return build_intensity_augmentation(settings)
+
+
+def _write_best(run: TrainingRun, method: Method, *, step: int, val_loss: float) -> None:
+    payload = {
+        "format": BEST_FORMAT,
+        "method": method.name,
+        "step": step,
+        "val_loss": val_loss,
+        "model": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+    }
+    with atomic_path(run.best_path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _use_scored_weights(method: Method, run: TrainingRun, best: dict[str, Any]) -> None:
+    """Load the best-validation weights into ``method`` when the run scores them."""
+    if run.score_checkpoint != "best":
+        return
+    payload = torch.load(run.best_path, map_location="cpu", weights_only=True)
+    if payload.get("format") != BEST_FORMAT or payload.get("step") != best["step"]:
+        raise InputError(
+            f"{run.best_path}: expected the best weights of step {best['step']}, found step "
+            f"{payload.get('step')}; delete the checkpoint folder {run.checkpoint_path.parent}"
+        )
+    method.load_state_dict(payload["model"])
+    _LOGGER.info("scoring the weights of step %s (lowest validation loss)", best["step"])
+
+
 def _write_checkpoint(
     run: TrainingRun,
     method: Method,
     optimizer: torch.optim.Optimizer,
+    scheduler: Any,
     *,
     step: int,
+    best: dict[str, Any],
     identity: dict[str, Any],
     elapsed: float,
     last_train_loss: float | None,
@@ -443,6 +646,11 @@ def _write_checkpoint(
         "step": step,
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "lr_scheduler": None if scheduler is None else scheduler.state_dict(),
+        "best": best,
+        "stage": identity["stage"],
+        "sampler": identity["sampler"],
+        "augmentation": identity["augmentation"],
         "rng": _get_rng_state(),
         "learning_rate": identity["learning_rate"],
         "mixed_precision": identity["mixed_precision"],
@@ -485,6 +693,9 @@ def _read_checkpoint(path: Path, method: Method, identity: dict[str, Any]) -> di
     data = payload["data"]
     found = {
         "method": payload["method"],
+        "stage": payload["stage"],
+        "sampler": payload["sampler"],
+        "augmentation": payload["augmentation"],
         "hparams": _training_hparams(method, payload["hparams"]),
         "seed": data["seed"],
         "batch_size": data["batch_size"],
