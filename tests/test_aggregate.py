@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brainuad.errors import InputError
 from brainuad.evaluation import aggregate
 from brainuad.evaluation.aggregate import (
     build_tables,
@@ -195,3 +196,12 @@ def test_qualitative_examples_assemble_only_the_chosen_subjects(toy, monkeypatch
     assert areas == [9, 16]
     for example in examples:
         np.testing.assert_array_equal(example["thresholded"], example["ground_truth"])
+
+
+def test_unknown_metric_column_is_an_error_not_dropped():
+    from brainuad.evaluation.aggregate import tabulated_metrics
+
+    columns = ["dice@healthy_fpr_5", "auprc", "n_slices", "pred_volume_voxels@healthy_fpr_5"]
+    assert tabulated_metrics(columns) == ["dice@healthy_fpr_5", "auprc"]
+    with pytest.raises(InputError, match="dcie"):
+        tabulated_metrics([*columns, "dcie@healthy_fpr_5"])

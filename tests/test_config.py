@@ -81,3 +81,76 @@ def test_protocol_names() -> None:
         "healthy_fpr_1",
         "best_dice_val",
     ]
+
+
+def _with_toy_methods(config: dict) -> dict:
+    import toy_methods  # noqa: F401  (registers toy_weak and toy_two_stage)
+
+    config["method_modules"] = ["toy_methods"]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["methods"].update(gan={"model": {}}),
+            r"methods.gan.method: method 'gan' is not registered",
+        ),
+        (
+            lambda c: c["methods"].update(ddpm_2={"method": "dpm", "training": {"max_steps": 1}}),
+            r"methods.ddpm_2.method: method 'dpm'",
+        ),
+        (
+            lambda c: c["methods"]["ae"].update(inputs=["flair"]),
+            r"methods.ae.inputs: 'flair' is not in slices.sequences",
+        ),
+        (
+            lambda c: c["methods"]["ae"]["training"].update(max_epochs=3),
+            r"methods.ae.training: give exactly one of max_steps and max_epochs",
+        ),
+        (
+            lambda c: c["methods"]["ae"]["training"].update(stages={"pretrain": {}}),
+            r"methods.ae.training.stages.pretrain: 'ae' has no such stage",
+        ),
+        (
+            lambda c: c["methods"]["ae"]["training"].update(sampler="balanced"),
+            r"methods.ae.training.sampler: 'balanced' needs slice labels",
+        ),
+        (
+            lambda c: _with_toy_methods(c)["methods"].update(
+                weak={"method": "toy_weak", "training": {"max_steps": 2}}
+            ),
+            r"methods.weak: 'toy_weak' .* weakly supervised .* splits.lesion_train_fraction",
+        ),
+        (
+            lambda c: (
+                _with_toy_methods(c)["methods"].update(
+                    weak={
+                        "method": "toy_weak",
+                        "train_datasets": ["x"],
+                        "training": {"max_steps": 2},
+                    }
+                )
+                or c["splits"].update(lesion_train_fraction=0.5)
+            ),
+            r"methods.weak.train_datasets: 'x' is not one of the datasets",
+        ),
+    ],
+)
+def test_method_entries_are_checked_before_any_job(edit, message: str) -> None:
+    config = copy.deepcopy(load("tiny.yaml"))
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+
+
+def test_variants_of_one_implementation_are_valid() -> None:
+    config = copy.deepcopy(load("tiny.yaml"))
+    config["methods"]["ae_l2"] = {
+        "method": "ae",
+        "model": {**config["methods"]["ae"]["model"], "loss": "l2"},
+        "training": dict(config["methods"]["ae"]["training"]),
+    }
+    validate(config, SCHEMA)
+    check_config(config)

@@ -47,14 +47,33 @@ Key3 = tuple[str, int, str]
 PathLike = str | os.PathLike
 
 
+#: Per-subject columns that describe the evaluation rather than score a method (counts and
+#: thresholds, by base name): kept in the metrics files, never tabulated.
+UNTABULATED_COLUMNS = frozenset(
+    {
+        "n_slices",
+        "has_lesion",
+        "region_voxels",
+        "true_volume_voxels",
+        "oracle_threshold",
+        "pred_volume_voxels",
+    }
+)
+
+
 def tabulated_metrics(columns: Sequence[str]) -> list[str]:
-    """The metric columns that have a table (known base name), in column order."""
+    """The metric columns that get a table, in column order.
+
+    Raises:
+        InputError: for a column that is neither a known metric nor one of
+            ``UNTABULATED_COLUMNS``: a metric the tables do not know would otherwise vanish
+            from every table without a word.
+    """
     known = []
     for column in columns:
-        try:
-            infer_metric_info(column)
-        except InputError:
+        if column.partition("@")[0] in UNTABULATED_COLUMNS:
             continue
+        infer_metric_info(column)
         known.append(column)
     return known
 
