@@ -97,6 +97,20 @@ class Method(torch.nn.Module, abc.ABC):
             return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         raise InputError(f"method {self.name!r}: optimizer {kind!r}, expected 'adam' or 'adamw'")
 
+    def configure_lr_scheduler(
+        self, optimizer: torch.optim.Optimizer, max_steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The learning-rate schedule of a run of ``max_steps`` steps, or None (constant).
+
+        The training loop steps the scheduler once after every optimiser step and saves
+        its state with each checkpoint.
+
+        Args:
+            optimizer: the optimiser from :meth:`configure_optimizer`.
+            max_steps: the run's total number of optimiser steps.
+        """
+        return None
+
     def fit(
         self,
         train: Dataset,
