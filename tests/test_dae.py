@@ -3,6 +3,8 @@ with cosine annealing; the residual map (the shared contract is in test_methods.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from tiny_hparams import TINY_HPARAMS
@@ -120,7 +122,7 @@ def test_amsgrad_and_cosine_schedule():
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs[4] == pytest.approx(0.5e-4)  # half-way: half the rate
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # annealed to 0 over the run
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
     # An explicit period (the reference's T_max) anneals sooner.
     periodic = build_method("dae", **TINY_HPARAMS["dae"], lr_cosine_steps=4)
     optimizer = periodic.configure_optimizer(1e-4)
