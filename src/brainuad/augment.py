@@ -119,19 +119,24 @@ class IntensityAugmentation:
                 f"{tuple(images.shape)} and {tuple(brainmask.shape)}"
             )
         s = self.settings
-        out = images.float()
-        out = _where(_coin(out, s.gamma_p), random_gamma(out, s.log_gamma), out)
-        out = _where(
-            _coin(out, s.bias_field_p),
-            random_bias_field(out, s.bias_field_coefficients, s.bias_field_order),
-            out,
+        out = images.float().clone()
+        steps = (
+            (s.gamma_p, lambda x: random_gamma(x, s.log_gamma)),
+            (
+                s.bias_field_p,
+                lambda x: random_bias_field(x, s.bias_field_coefficients, s.bias_field_order),
+            ),
+            (s.blur_p, lambda x: random_blur(x, s.blur_std)),
+            (
+                s.ghosting_p,
+                lambda x: random_ghosting(x, s.ghosting_num_ghosts, s.ghosting_intensity),
+            ),
         )
-        out = _where(_coin(out, s.blur_p), random_blur(out, s.blur_std), out)
-        out = _where(
-            _coin(out, s.ghosting_p),
-            random_ghosting(out, s.ghosting_num_ghosts, s.ghosting_intensity),
-            out,
-        )
+        for p, transform in steps:
+            # Each slice gets each transform with probability p; only those are computed.
+            chosen = torch.nonzero(_coin(out, p)).flatten()
+            if chosen.numel():
+                out[chosen] = transform(out[chosen])
         if s.mask_outside_brain:
             out = out * (brainmask > 0).to(out.dtype)
         return out.to(images.dtype)
@@ -145,13 +150,9 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, like: torch.Tensor
 def _coin(images: torch.Tensor, p: float) -> torch.Tensor:
     """Bool ``[B]``: which slices get a transform applied with probability ``p``.
 
-    Always draws (also when p is 0 or 1), so the RNG stream does not depend on settings.
+    Always draws (also when p is 0 or 1), so the coins do not depend on the settings.
     """
     return _uniform((images.shape[0],), 0.0, 1.0, images) < p
-
-
-def _where(apply: torch.Tensor, transformed: torch.Tensor, images: torch.Tensor):
-    return torch.where(apply[:, None, None, None], transformed, images)
 
 
 def random_gamma(images: torch.Tensor, log_gamma: tuple[float, float]) -> torch.Tensor:
@@ -175,11 +176,15 @@ def random_bias_field(images: torch.Tensor, coefficients: float, order: int) -> 
     ]
     coeffs = _uniform((b, len(exponents)), -coefficients, coefficients, images)
     z = _uniform((b,), -1.0, 1.0, images)
+    # At a fixed z the 3D polynomial is a 2D one: fold z^k into the (i, j) coefficients.
+    planar = sorted({(i, j) for i, j, _ in exponents})
+    folded = torch.zeros(b, len(planar), dtype=torch.float64, device=images.device)
+    for n, (i, j, k) in enumerate(exponents):
+        folded[:, planar.index((i, j))] += coeffs[:, n] * z**k
     yy = torch.linspace(-1.0, 1.0, h, dtype=torch.float64, device=images.device)[:, None]
     xx = torch.linspace(-1.0, 1.0, w, dtype=torch.float64, device=images.device)[None, :]
-    field = torch.zeros(b, h, w, dtype=torch.float64, device=images.device)
-    for n, (i, j, k) in enumerate(exponents):
-        field += (coeffs[:, n] * z**k)[:, None, None] * (xx**i * yy**j)[None]
+    basis = torch.stack([(xx**i * yy**j).expand(h, w) for i, j in planar])  # [P, H, W]
+    field = torch.einsum("bp,phw->bhw", folded.float(), basis.float())
     return images * field.exp().to(images.dtype)[:, None]
 
 
@@ -227,20 +232,22 @@ def random_ghosting(
     ghosts = torch.randint(num_ghosts[0], num_ghosts[1] + 1, (b,))
     axis = torch.randint(0, 2, (b,))
     strength = _uniform((b,), *intensity, images).cpu()
-    out = images
+    out = images.clone()
     for dim, size in ((2, h), (3, w)):
-        factor = torch.ones(b, size, dtype=torch.float64)
-        for i in range(b):
-            if int(axis[i]) == dim - 2:
-                factor[i, :: int(ghosts[i])] = 1.0 - float(strength[i])
-                factor[i, size // 2] = 1.0
-        if bool((factor == 1).all()):
+        chosen = torch.nonzero(axis == dim - 2).flatten()
+        if not chosen.numel():
             continue
-        shape = (b, 1, size, 1) if dim == 2 else (b, 1, 1, size)
+        # The factor per plane of the centred spectrum, moved back to FFT order
+        # (ifftshift) so the spectrum itself needs no shifting.
+        factor = torch.ones(chosen.numel(), size)
+        for row, i in enumerate(chosen.tolist()):
+            factor[row, :: int(ghosts[i])] = 1.0 - float(strength[i])
+            factor[row, size // 2] = 1.0
+        factor = torch.fft.ifftshift(factor, dim=1)
+        shape = (-1, 1, size, 1) if dim == 2 else (-1, 1, 1, size)
         factor = factor.reshape(shape).to(images.device)
-        spectrum = torch.fft.fftshift(torch.fft.fft(out.double(), dim=dim), dim=dim)
-        restored = torch.fft.ifft(torch.fft.ifftshift(spectrum * factor, dim=dim), dim=dim)
-        out = restored.real.to(images.dtype)
+        spectrum = torch.fft.fft(images[chosen].float(), dim=dim)
+        out[chosen] = torch.fft.ifft(spectrum * factor, dim=dim).real.to(images.dtype)
     return out
 
 

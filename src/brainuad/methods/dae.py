@@ -1,7 +1,8 @@
 """Denoising autoencoder (DAE): a UNet trained to remove coarse noise from healthy slices.
 
 Kascenas, Pugeault, O'Neil, "Denoising Autoencoders for Unsupervised Anomaly Detection in
-Brain MRI", MIDL 2022 (https://proceedings.mlr.press/v172/kascenas22a.html), Section 2:
+Brain MRI", MIDL 2022, PMLR 172:653–664 (https://proceedings.mlr.press/v172/kascenas22a.html;
+its method: a skip-connected denoising UNet trained with upscaled low-resolution noise):
 the network f sees x + ε, where ε is low-resolution Gaussian noise upsampled to the image
 size, and learns to return x; at test time an anomaly is what f(x) "denoises away", so the
 anomaly map is |x − f(x)|. It is the strongest non-diffusion row of the cDDPM paper
