@@ -31,7 +31,8 @@ Deviations from the reference:
   instead of weight-standardised ones, one GroupNorm group count for all levels (the
   reference picks the middle divisor per width: 8, 16, 16, 32).
 - Noise is upsampled to the slice size (the reference hard-codes 128 × 128, its image
-  size), so at other sizes the 16 × 16 grid spans the whole slice as there.
+  size), so the grid always spans the whole slice; to keep the reference's cell of 128 / 16
+  = 8 px at another size, set ``noise_resolution`` to size / 8 (e.g. 8 at 64 px).
 - Cosine annealing over the whole run (``T_max`` = the run's steps, stepped per step)
   unless ``lr_cosine_steps`` is given; the reference's ``T_max = 100`` epochs of 32 steps
   with 2100 epochs makes the learning rate rise and fall periodically (PyTorch's
