@@ -11,6 +11,15 @@ DDPM_TINY = {
     "num_head_channels": 8,
     "norm_num_groups": 8,
 }
-TINY_HPARAMS: dict[str, dict] = {"ae": AE_TINY, "ddpm": DDPM_TINY}
-INTENSITY_TINY: dict = {}
-TINY_HPARAMS.update(intensity=INTENSITY_TINY, toy_two_stage={}, toy_weak={})
+DAE_TINY = {"channels": (8, 16, 16), "norm_num_groups": 4}
+VAE_TINY = {"image_size": 32, "channels": (8, 16), "latent_size": 8}
+TINY_HPARAMS: dict[str, dict] = {
+    "ae": AE_TINY,
+    "ddpm": DDPM_TINY,
+    "dae": DAE_TINY,
+    "vae": VAE_TINY,
+    "intensity": {},
+    # tests/toy_methods.py
+    "toy_two_stage": {},
+    "toy_weak": {},
+}

@@ -169,7 +169,8 @@ class Method(torch.nn.Module, abc.ABC):
     def configure_lr_scheduler(
         self, optimizer: torch.optim.Optimizer, max_steps: int, stage: str = FINAL_STAGE
     ) -> LRScheduler | None:
-        """A learning-rate schedule stepped once per optimiser step, or None (constant).
+        """The learning-rate schedule of ``stage`` over a run of ``max_steps`` steps, or None
+        (constant).
 
         The loop saves its state in the training checkpoint, so a resumed run continues it.
         """

@@ -1,0 +1,1 @@
+"""Micro-benchmarks whose numbers are recorded in docs/benchmarks.md (``python -m ...``)."""
