@@ -419,3 +419,27 @@ def test_ddpm_known_values(monkeypatch):
     assert torch.equal(seen[0], torch.tensor([499, 499]))
     torch.testing.assert_close(out.reconstruction, torch.full_like(images, 0.5))
     torch.testing.assert_close(out.anomaly_map, (images - 0.5).abs()[:, 0])
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "simplex"])
+def test_ddpm_trains_and_scores_with_its_configured_noise(monkeypatch, noise):
+    """`noise` selects the shared noise component: Behrendt's simplex pattern is one 2D
+    field repeated over the batch and not unit variance; Gaussian noise differs per sample.
+    The same kind is used in training and in the scoring step."""
+    method = build_method("ddpm", **TINY_HPARAMS["ddpm"], noise=noise)
+    seen = []
+    add_noise = method.scheduler.add_noise
+
+    def spy(original, drawn, timesteps):
+        seen.append(drawn.clone())
+        return add_noise(original, drawn, timesteps)
+
+    monkeypatch.setattr(method.scheduler, "add_noise", spy)
+    images, mask = torch.rand(4, 1, 32, 32), torch.ones(4, 1, 32, 32)
+    method.training_loss({"image": images, "brainmask": mask})
+    method.score(images, mask)
+    for drawn in seen:
+        same_over_batch = all(torch.equal(drawn[0], drawn[i]) for i in range(1, 4))
+        assert same_over_batch == (noise == "simplex")
+        if noise == "simplex":
+            assert 0.2 < float(drawn.std()) < 0.9

@@ -93,6 +93,13 @@ def check_methods(config: dict[str, Any]) -> None:
                     f"{key}: give exactly one of max_steps and max_epochs "
                     f"(stage '{stage.name}' of '{implementation}')"
                 )
+            if settings.get("augmentation") is not None:
+                from brainuad.augment import build_intensity_augmentation
+
+                try:
+                    build_intensity_augmentation(settings["augmentation"])
+                except InputError as error:
+                    raise ConfigError(f"{key}.{error}") from None
             weak = cls.stage_supervision(stage.name) == "image_labels"
             if settings.get("sampler") == "balanced" and not weak:
                 raise ConfigError(

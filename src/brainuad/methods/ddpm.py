@@ -22,18 +22,20 @@ schedule, ``normalize_to_neg_one_to_one``, pred_x0, L1 over all pixels, no brain
 Deviations from the reference:
 - MONAI ``DiffusionModelUNet`` instead of the OpenAI UNet (additive time embedding instead of
   scale-shift norm; no gradient checkpointing; fp32 weights, bf16 autocast on CUDA only).
-- Gaussian noise only for now (the reference trains with simplex noise; ``noise`` is the
-  hook for adding it).
+- Noise is a setting: ``noise="simplex"`` is the reference's (Behrendt's 2D simplex noise,
+  :mod:`brainuad.noise`, in training and at test time), ``"gaussian"`` the classic DDPM;
+  both run side by side as study variants (``ddpm``, ``ddpm_simplex``).
 - No patching (this is the plain DDPM row of the paper, not pDDPM).
-- No intensity augmentation and no EMA (the reference uses neither for this model either,
-  but the cDDPM config augments).
-- Training length is set by steps in ``TrainingRun``, not by epochs.
+- No EMA (the reference has none either). Intensity augmentation, the reference's epochs
+  (one slice per volume) and best-validation checkpoint selection are training settings
+  (``training.augmentation``, ``max_epochs`` with ``sampler: volumes``,
+  ``score_checkpoint: best``), set as the reference in ``config/paper.yaml``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -48,6 +50,7 @@ from brainuad.methods.base import (
     residual_map,
 )
 from brainuad.methods.registry import register
+from brainuad.noise import build_noise
 
 
 @register("ddpm")
@@ -67,7 +70,11 @@ class DDPM(Method):
         schedule: MONAI noise schedule name (paper: ``"cosine"``).
         test_timestep: noise level of scoring in the paper's 1-based count, 1 … T (paper:
             500, i.e. scheduler index 499).
-        noise: noise type (``"gaussian"``; the paper uses simplex noise).
+        noise: ``"simplex"`` (the reference's: 2D, 6 octaves, persistence 0.8, frequency 64,
+            not unit variance), ``"gaussian"`` or ``"simplex_3d"`` (AnoDDPM's flavour);
+            the same noise serves training and the scoring step.
+        noise_settings: settings of the simplex noise (``octaves``, ``persistence``,
+            ``frequency``, ``normalise``); default the reference's.
         loss: ``"l1"`` (paper) or ``"l2"`` between x̂0 and x0.
         loss_region: ``"image"`` (paper: all pixels) or ``"brain"``.
         score_seed: seed of the scoring noise.
@@ -98,7 +105,8 @@ class DDPM(Method):
         num_train_timesteps: int = 1000,
         schedule: str = "cosine",
         test_timestep: int = 500,
-        noise: Literal["gaussian"] = "gaussian",
+        noise: Literal["gaussian", "simplex", "simplex_3d"] = "simplex",
+        noise_settings: dict[str, Any] | None = None,
         loss: Literal["l1", "l2"] = "l1",
         loss_region: Literal["brain", "image"] = "image",
         score_seed: int = 0,
@@ -117,13 +125,15 @@ class DDPM(Method):
             schedule=schedule,
             test_timestep=int(test_timestep),
             noise=noise,
+            noise_settings=dict(noise_settings or {}),
             loss=loss,
             loss_region=loss_region,
             score_seed=int(score_seed),
             optimizer=optimizer,
             weight_decay=float(weight_decay),
         )
-        check_choice("noise", noise, ("gaussian",))
+        check_choice("noise", noise, ("gaussian", "simplex", "simplex_3d"))
+        self.noise = build_noise(noise, **(noise_settings or {}))
         check_choice("loss", loss, ("l1", "l2"))
         check_choice("loss_region", loss_region, ("brain", "image"))
         check_choice("optimizer", optimizer, ("adam", "adamw"))
@@ -161,17 +171,22 @@ class DDPM(Method):
         return self.unet(noisy, timesteps)
 
     def _draw_noise(
-        self, like: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        like: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        # Only Gaussian noise for now; simplex noise will plug in here.
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        """Noise shaped like ``like`` ``[B, C, H, W]`` for ``timesteps`` ``[B]``."""
+        return self.noise(
+            like.shape, timesteps, generator=generator, device=like.device, dtype=like.dtype
+        )
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0 = batch["image"].float() * 2 - 1
         t = torch.randint(
             0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device
         ).long()
-        noisy = self.scheduler.add_noise(x0, self._draw_noise(x0), t)
+        noisy = self.scheduler.add_noise(x0, self._draw_noise(x0, t), t)
         predicted = self(noisy, t)
         return reconstruction_loss(
             predicted,
@@ -187,6 +202,6 @@ class DDPM(Method):
         x0 = images.float() * 2 - 1
         index = self.hparams["test_timestep"] - 1
         t = torch.full((x0.shape[0],), index, device=x0.device, dtype=torch.long)
-        noisy = self.scheduler.add_noise(x0, self._draw_noise(x0, generator), t)
+        noisy = self.scheduler.add_noise(x0, self._draw_noise(x0, t, generator), t)
         reconstruction = (self(noisy, t).float() + 1) / 2
         return ScoreOutput(residual_map(images, reconstruction), reconstruction)

@@ -591,8 +591,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _build_augmentation(settings: dict[str, Any] | None):
-    """The intensity augmentation of ``settings`` (None: none)."""
-    if not settings:
+    """The intensity augmentation of ``settings`` (None: none; ``{}``: the reference's)."""
+    if settings is None:
         return None
     from brainuad.augment import build_intensity_augmentation
 
