@@ -83,9 +83,11 @@ def qc_records(wildcards):
 
 
 def preprocess_params(wildcards):
-    """Keyword arguments of brainuad.preprocess.preprocess_subject from the config."""
+    """Keyword arguments of brainuad.preprocess.preprocess_subject from the config (with the
+    study seed, which seeds ANTs and deepbet)."""
     params = dict(config["preprocess"])
     params.pop("sequences")
+    params["seed"] = config["seed"]
     return params
 
 

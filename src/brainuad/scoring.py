@@ -96,6 +96,7 @@ def score_split(
             images = torch.from_numpy(batch["images"]).to(torch_device)
             brainmask = torch.from_numpy(batch["brainmask"][:, None].astype(np.float32))
             out = method.score(images, brainmask.to(torch_device))
+            _check_finite_maps(out.anomaly_map, batch, method.name, file_attrs, slice_path)
             reconstruction = out.reconstruction
             writer.write(
                 out.anomaly_map.float().cpu().numpy(),
@@ -111,6 +112,28 @@ def score_split(
         "seconds": time.perf_counter() - start,
         "has_reconstruction": method.has_reconstruction,
     }
+
+
+def _check_finite_maps(
+    anomaly_map: torch.Tensor,
+    batch: dict[str, np.ndarray],
+    method: str,
+    attrs: dict[str, Any],
+    slice_path: str | os.PathLike,
+) -> None:
+    """Raise InputError naming method, fold, dataset, subject and slice of the first
+    non-finite map in the batch (``anomaly_map`` ``[B, H, W]``)."""
+    finite = torch.isfinite(anomaly_map).flatten(1).all(dim=1).cpu().numpy()
+    if finite.all():
+        return
+    first = int(np.flatnonzero(~finite)[0])
+    raise InputError(
+        f"method {method!r}, fold {attrs.get('fold', '?')}, dataset "
+        f"{attrs.get('dataset', '?')!r}: anomaly map of subject {batch['subject'][first]!r}, "
+        f"slice_index {int(batch['slice_index'][first])} (row {int(batch['row'][first])} of "
+        f"{slice_path}) holds NaN or infinite values ({int((~finite).sum())} of "
+        f"{finite.size} maps in this batch); the method diverged or its weights are not finite"
+    )
 
 
 def score_dataset_split(

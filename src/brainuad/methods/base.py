@@ -21,7 +21,7 @@ import torch
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.io.atomic import atomic_path
+from brainuad.io.torchfile import load_torch, save_torch
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -162,7 +162,8 @@ class Method(torch.nn.Module, abc.ABC):
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write weights, name, hyperparameters and brainuad version to ``path`` atomically."""
+        """Write weights, name, hyperparameters and brainuad version to ``path`` atomically;
+        identical weights give identical bytes (:func:`brainuad.io.torchfile.save_torch`)."""
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -171,8 +172,7 @@ class Method(torch.nn.Module, abc.ABC):
             "brainuad_version": brainuad.__version__,
             "state_dict": state,
         }
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Method:
@@ -180,9 +180,7 @@ class Method(torch.nn.Module, abc.ABC):
         from brainuad.methods.registry import build_method
 
         path = Path(path)
-        if not path.exists():
-            raise InputError(f"{path}: model file does not exist")
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_torch(path, "brainuad model file", map_location=map_location)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise InputError(f"{path}: not a brainuad model file (format {CHECKPOINT_FORMAT})")
         name = payload["name"]

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from brainuad.io.atomic import remove_stale_temporaries, write_text_atomic
+from brainuad.io.torchfile import load_newest_readable, save_keeping_previous
 from brainuad.provenance import seed_everything
 from brainuad.training.device import DeviceName, check_device_name, resolve_device
 
@@ -458,8 +459,7 @@ def _write_checkpoint(
         "last_val_loss": last_val_loss,
         "run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
     }
-    with atomic_path(run.checkpoint_path) as tmp:
-        torch.save(payload, tmp)
+    save_keeping_previous(payload, run.checkpoint_path)
 
 
 def _training_hparams(method: Method, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -469,10 +469,16 @@ def _training_hparams(method: Method, hparams: dict[str, Any]) -> dict[str, Any]
 
 def _read_checkpoint(path: Path, method: Method, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if it exists, after checking it was made by the run
-    described by ``identity`` (the keys built in :func:`train`)."""
-    if not path.exists():
+    described by ``identity`` (the keys built in :func:`train`). A damaged ``path`` is moved
+    aside and the previous checkpoint (``last.previous.pt``) used instead, with a warning
+    (:func:`brainuad.io.torchfile.load_newest_readable`)."""
+    run_path = path
+    loaded = load_newest_readable(path, "brainuad training checkpoint", _LOGGER)
+    if loaded is None:
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload, path = loaded
+    if path != run_path:
+        _LOGGER.warning("resuming from the previous checkpoint %s", path)
     if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith(
         "brainuad.training/"
     ):
