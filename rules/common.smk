@@ -1,11 +1,11 @@
 # Config validation, wildcard constraints and every input function of the workflow.
 
-from snakemake.utils import validate
+from brainuad.config import synthetic_subjects
+from brainuad.config_checks import check_study_config
 
-from brainuad.config import check_config, synthetic_subjects
-
-validate(config, "../config/schema.yaml")
-check_config(config)
+# Schema (with defaults), cross-checks, methods, crop box, paths: one line per problem, so
+# `snakemake -n` fails before any job runs (brainuad.config_checks).
+check_study_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
 
 DATASETS = list(config["datasets"])
