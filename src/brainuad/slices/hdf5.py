@@ -177,7 +177,7 @@ class SliceFile:
                 raise corrupt_file_error(
                     self.path,
                     SLICE_FILE,
-                    f"contract_version {version!r}, this version reads {CONTRACT_VERSION}",
+                    f"contract_version {version}, this version reads {CONTRACT_VERSION}",
                 )
             self.sequences: list[str] = json.loads(f.attrs["sequences"])
             self.shape: tuple[int, ...] = tuple(f["images"].shape)
