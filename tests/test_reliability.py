@@ -295,7 +295,7 @@ def test_nan_in_test_scores_stops_metrics(toy: Path, tmp_path: Path) -> None:
 
 
 def test_a_threshold_is_never_nan() -> None:
-    with pytest.raises(InputError, match="healthy FPR calibration.*1 of"):
+    with pytest.raises(InputError, match=r"healthy FPR calibration.*1 of"):
         threshold_at_healthy_fpr([np.array([0.1, np.nan, 0.3])], [np.ones(3, bool)], 0.05)
     with pytest.raises(InputError, match="threshold 'healthy_fpr_5' is nan"):
         threshold_values({"thresholds": {"healthy_fpr_5": {"threshold": float("nan")}}})
@@ -551,9 +551,13 @@ def test_schema_errors_are_one_line_each_with_the_key_path() -> None:
         check_study_config(config, SCHEMA)
     lines = str(error.value).splitlines()
     assert len(lines) == 3, lines
-    assert lines[1].strip().startswith(
-        "preprocess: Additional properties are not allowed ('resolutoin' was unexpected); "
-        "allowed keys: ['crop_shape'"
+    assert (
+        lines[1]
+        .strip()
+        .startswith(
+            "preprocess: Additional properties are not allowed ('resolutoin' was unexpected); "
+            "allowed keys: ['crop_shape'"
+        )
     )
     assert lines[2].strip() == "splits.n_folds: 'two' is not of type 'integer'"
     assert schema_errors(tiny_config(), yaml.safe_load(SCHEMA.read_text())) == []
@@ -612,7 +616,8 @@ def test_identical_weights_give_identical_model_bytes(tmp_path: Path) -> None:
     for path in (first, second):  # the temporary file's name is not inside the archive
         assert {name.split("/")[0] for name in zipfile.ZipFile(path).namelist()} == {"archive"}
     loaded = Method.load(second)
-    assert all(torch.equal(a, b) for a, b in zip(method.state_dict().values(), loaded.state_dict().values(), strict=True))  # fmt: skip
+    weights, reloaded = method.state_dict(), loaded.state_dict()
+    assert all(torch.equal(weights[k], reloaded[k]) for k in weights)
     save_torch({"x": torch.ones(2)}, tmp_path / "c.pt")
     shutil.copy(tmp_path / "c.pt", tmp_path / "d.pt")
     save_torch({"x": torch.ones(2)}, tmp_path / "d.pt")

@@ -171,9 +171,9 @@ def method_errors(config: dict[str, Any]) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _template_brain() -> np.ndarray:
-    from brainuad.data.template import load_mni_template
+    from brainuad.data.template import load_template_brainmask
 
-    return load_mni_template().brainmask > 0  # 1 mm isotropic, RAS
+    return load_template_brainmask(fill_holes=False)  # 1 mm isotropic, RAS
 
 
 def crop_box_fractions(
