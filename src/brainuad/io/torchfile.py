@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from brainuad.errors import CorruptFileError
-from brainuad.io.atomic import atomic_path
+from brainuad.io.atomic import atomic_path, remove_stale_temporaries
 from brainuad.io.readers import corrupt_file_error, require_file
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,7 +78,16 @@ def save_keeping_previous(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     data = torch_bytes(obj)
     if path.exists():
-        os.replace(path, previous_path(path))
+        # Link (or copy), never rename: ``path`` exists at every moment, so a job killed
+        # here still leaves its newest checkpoint under its usual name.
+        previous = previous_path(path)
+        remove_stale_temporaries(previous)
+        with atomic_path(previous) as tmp:
+            tmp.unlink()
+            try:
+                os.link(path, tmp)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(path, tmp)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
