@@ -49,6 +49,7 @@ from brainuad.evaluation.calibration import (
 )
 from brainuad.evaluation.evaluate import calibrate_from_scores, subject_metrics_table
 from brainuad.evaluation.postprocess import PostprocessConfig
+from brainuad.io.nifti import load_nifti, save_nifti
 from brainuad.io.readers import read_json
 from brainuad.io.scores import ScoresFile, ScoresWriter
 from brainuad.io.torchfile import previous_path, save_torch
@@ -326,6 +327,10 @@ def _open_splits(path: Path) -> None:
     read_splits(path)
 
 
+def _open_nifti(path: Path) -> None:
+    load_nifti(path)
+
+
 @pytest.fixture
 def study_files(toy: Path, tmp_path: Path) -> dict[str, Path]:
     """One valid file of each intermediate kind."""
@@ -338,7 +343,10 @@ def study_files(toy: Path, tmp_path: Path) -> dict[str, Path]:
     write_splits(
         healthy_splits(["s0", "s1", "s2", "s3"], n_folds=2, test_fraction=0.25, seed=0), splits
     )
+    volume = tmp_path / "t2.nii.gz"
+    save_nifti(np.ones((8, 8, 8), np.float32), np.eye(4), volume)
     return {
+        "nifti": volume,
         "slices": toy,
         "scores": write_toy_scores(tmp_path / "scores.h5", toy, ["s0"], "val"),
         "model": model,
@@ -355,6 +363,7 @@ def study_files(toy: Path, tmp_path: Path) -> dict[str, Path]:
         ("model", _open_model, "brainuad model file"),
         ("threshold", _open_threshold, "threshold file"),
         ("splits", _open_splits, "splits CSV"),
+        ("nifti", _open_nifti, "NIfTI file"),
     ],
 )
 def test_damaged_file_is_named_with_what_to_do(
