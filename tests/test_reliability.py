@@ -213,6 +213,21 @@ def test_two_clean_tiny_runs_give_identical_metrics_and_models(tmp_path: Path) -
         for run in runs
     ]
     assert threshold_values(thresholds[0]) == threshold_values(thresholds[1])
+    # Upstream of the metrics: every preprocessed volume and slice stack, voxel for voxel
+    # (gzip headers carry a time stamp, so compare contents, not bytes).
+    volumes = sorted(
+        p.relative_to(runs[0]) for p in runs[0].glob("results/preprocessed/**/*.nii.gz")
+    )
+    assert len(volumes) == 5 * 4, volumes  # t1, t2, brainmask, seg of 5 subjects
+    for relative in volumes:
+        a, b = (load_nifti(run / relative) for run in runs)
+        assert np.array_equal(a.get_fdata(), b.get_fdata()), relative
+        assert np.array_equal(a.affine, b.affine), relative
+    for dataset in ("synth_ixi", "synth_brats"):
+        first, second = (SliceFile(run / f"results/slices/{dataset}.h5") for run in runs)
+        rows = np.arange(len(first))
+        assert len(first) == len(second)
+        assert np.array_equal(first.read(rows)["images"], second.read(rows)["images"]), dataset
 
 
 # -- 2. non-finite anomaly maps -------------------------------------------------------------
