@@ -95,18 +95,23 @@ def save_keeping_previous(obj: Any, path: str | os.PathLike) -> None:
 def load_newest_readable(
     path: str | os.PathLike, what: str, logger: logging.Logger | None = None
 ) -> tuple[Any, Path] | None:
-    """Load ``path``, or its :func:`previous_path` copy when ``path`` is damaged or absent.
+    """Load ``path``, or its :func:`previous_path` copy when ``path`` is damaged.
 
     A damaged copy is moved aside to ``<name>.corrupt`` (kept for inspection, and no longer
     in the way of the next save) with a warning; so a run whose newest checkpoint was
-    truncated resumes from the previous one instead of failing.
+    truncated resumes from the previous one instead of failing. An absent ``path`` means
+    "start over" (:func:`save_keeping_previous` never leaves it absent; a user deletes it to
+    restart), whatever previous copy is left.
 
     Returns:
-        ``(object, the path it was read from)``, or None when neither copy exists or both
-        were damaged (start from scratch).
+        ``(object, the path it was read from)``, or None when ``path`` does not exist or
+        both copies are damaged (start from scratch).
     """
     log = logger or _LOGGER
-    for candidate in (Path(path), previous_path(path)):
+    path = Path(path)
+    if not path.exists():
+        return None
+    for candidate in (path, previous_path(path)):
         if not candidate.exists():
             continue
         try:
