@@ -481,6 +481,16 @@ def test_two_damaged_checkpoints_start_over(toy: Path, tmp_path: Path) -> None:
     assert not again["resumed"] and again["start_step"] == 0 and again["final_step"] == 6
 
 
+def test_deleting_the_checkpoint_still_starts_over(toy: Path, tmp_path: Path) -> None:
+    """The fallback is for damaged checkpoints only: deleting ``last.pt`` (how a user asks
+    for a fresh run) is not undone by the previous copy."""
+    run = tiny_run(tmp_path / "ckpt")
+    train_tiny(toy, run)
+    run.checkpoint_path.unlink()
+    again, _ = train_tiny(toy, run)
+    assert not again["resumed"] and again["start_step"] == 0
+
+
 # -- 4. methods checked before any job ------------------------------------------------------
 
 
@@ -646,13 +656,3 @@ def test_identical_weights_give_identical_model_bytes(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "c.pt", tmp_path / "d.pt")
     save_torch({"x": torch.ones(2)}, tmp_path / "d.pt")
     assert digest(tmp_path / "c.pt") == digest(tmp_path / "d.pt")
-
-
-def test_deleting_the_checkpoint_still_starts_over(toy: Path, tmp_path: Path) -> None:
-    """The fallback is for damaged checkpoints only: deleting ``last.pt`` (how a user asks
-    for a fresh run) is not undone by the previous copy."""
-    run = tiny_run(tmp_path / "ckpt")
-    train_tiny(toy, run)
-    run.checkpoint_path.unlink()
-    again, _ = train_tiny(toy, run)
-    assert not again["resumed"] and again["start_step"] == 0
