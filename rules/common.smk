@@ -1,13 +1,13 @@
 # Config validation, wildcard constraints and every input function of the workflow.
 
-from snakemake.utils import validate
-
-from brainuad.config import check_config, synthetic_subjects
+from brainuad.config import synthetic_subjects
+from brainuad.config_checks import check_study_config
 from brainuad.methods import method_class
 from brainuad.methods.base import FINAL_STAGE
 
-validate(config, "../config/schema.yaml")
-check_config(config)
+# Schema (with defaults), cross-checks, methods, crop box, paths: one line per problem, so
+# `snakemake -n` fails before any job runs (brainuad.config_checks).
+check_study_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
 
 DATASETS = list(config["datasets"])
@@ -110,9 +110,11 @@ def qc_records(wildcards):
 
 
 def preprocess_params(wildcards):
-    """Keyword arguments of brainuad.preprocess.preprocess_subject from the config."""
+    """Keyword arguments of brainuad.preprocess.preprocess_subject from the config (with the
+    study seed, which seeds ANTs and deepbet)."""
     params = dict(config["preprocess"])
     params.pop("sequences")
+    params["seed"] = config["seed"]
     return params
 
 

@@ -94,14 +94,6 @@ def _with_toy_methods(config: dict) -> dict:
     ("edit", "message"),
     [
         (
-            lambda c: c["methods"].update(gan={"model": {}}),
-            r"methods.gan.method: method 'gan' is not registered",
-        ),
-        (
-            lambda c: c["methods"].update(ddpm_2={"method": "dpm", "training": {"max_steps": 1}}),
-            r"methods.ddpm_2.method: method 'dpm'",
-        ),
-        (
             lambda c: c["methods"]["ae"].update(inputs=["flair"]),
             r"methods.ae.inputs: 'flair' is not in slices.sequences",
         ),

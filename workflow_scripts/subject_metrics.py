@@ -1,11 +1,12 @@
 """Per-subject 3D metrics of one method, fold and dataset's test split."""
 
 import json
-from pathlib import Path
 
+from brainuad.evaluation.calibration import THRESHOLD_FILE
 from brainuad.evaluation.evaluate import evaluate_test_split
 from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.io.atomic import atomic_path, write_text_atomic
+from brainuad.io.readers import read_json
 from brainuad.provenance import provenance
 from brainuad.slices.extract import slice_voxel_spacing
 from brainuad.slices.splits import read_splits, subjects_in
@@ -17,7 +18,7 @@ with rule_logging(snakemake.log[0]) as log:
     table, summary = evaluate_test_split(
         slice_path=inputs.slices,
         scores_path=inputs.scores,
-        threshold_record=json.loads(Path(inputs.thresholds).read_text()),
+        threshold_record=read_json(inputs.thresholds, THRESHOLD_FILE),
         dataset=wildcards.dataset,
         postprocess=PostprocessConfig.from_dict(params.postprocess),
         image_score=params.image_score,

@@ -116,6 +116,7 @@ def score_split(
             if size is not None:
                 images, brainmask = resize_image(images, size), resize_mask(brainmask, size)
             out = method.score(images.to(torch_device), brainmask.to(torch_device))
+            _check_finite_maps(out.anomaly_map, batch, method.name, file_attrs, slice_path)
             anomaly_map = resize_map(out.anomaly_map.float().cpu(), height, width)
             reconstruction = out.reconstruction if keep_reconstruction else None
             writer.write(
@@ -134,6 +135,28 @@ def score_split(
         "inputs": sequences,
         "method_size": size or width,
     }
+
+
+def _check_finite_maps(
+    anomaly_map: torch.Tensor,
+    batch: dict[str, np.ndarray],
+    method: str,
+    attrs: dict[str, Any],
+    slice_path: str | os.PathLike,
+) -> None:
+    """Raise InputError naming method, fold, dataset, subject and slice of the first
+    non-finite map in the batch (``anomaly_map`` ``[B, H, W]``)."""
+    finite = torch.isfinite(anomaly_map).flatten(1).all(dim=1).cpu().numpy()
+    if finite.all():
+        return
+    first = int(np.flatnonzero(~finite)[0])
+    raise InputError(
+        f"method {method!r}, fold {attrs.get('fold', '?')}, dataset "
+        f"{attrs.get('dataset', '?')!r}: anomaly map of subject {batch['subject'][first]!r}, "
+        f"slice_index {int(batch['slice_index'][first])} (row {int(batch['row'][first])} of "
+        f"{slice_path}) holds NaN or infinite values ({int((~finite).sum())} of "
+        f"{finite.size} maps in this batch); the method diverged or its weights are not finite"
+    )
 
 
 def score_dataset_split(

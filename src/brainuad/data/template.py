@@ -15,6 +15,7 @@ MNI world millimetres ``(x, y, z)`` in RAS+ (x to the right, y anterior, z super
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +62,13 @@ class MNITemplate:
 
 def template_dir() -> Path:
     """The folder inside the installed nilearn package that holds the MNI152 files."""
-    try:
-        import nilearn.datasets
-    except ImportError as err:  # pragma: no cover - nilearn is a hard dependency
+    # Found without importing nilearn (seconds), so config checks at workflow start are quick.
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
         raise InputError(
             "nilearn is not installed: the MNI152 template is read from its package data"
-        ) from err
-    return Path(os.path.dirname(nilearn.datasets.__file__)) / "data"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 
 
 def _template_file(kind: str) -> Path:
@@ -100,6 +101,18 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _brainmask_of(t1: np.ndarray) -> np.ndarray:
+    return ndimage.binary_fill_holes(t1 > _BRAIN_THRESHOLD)
+
+
+def load_template_brainmask(*, fill_holes: bool = True) -> np.ndarray:
+    """The template brain mask alone (bool, 1 mm RAS grid), as in :func:`load_mni_template`
+    but reading only the T1 file. ``fill_holes=False`` skips the hole filling (seconds);
+    the bounding box and axial areas used by the config checks come out the same."""
+    t1 = _read("t1")[0]
+    return _brainmask_of(t1) if fill_holes else t1 > _BRAIN_THRESHOLD
+
+
 @functools.lru_cache(maxsize=1)
 def load_mni_template() -> MNITemplate:
     """Load the MNI152 2009a T1, tissue probabilities and brain mask (cached per process).
@@ -117,7 +130,7 @@ def load_mni_template() -> MNITemplate:
                 f"{_template_file(kind)}: grid {data.shape} differs from the T1 template "
                 f"grid {t1.shape}"
             )
-    brainmask = ndimage.binary_fill_holes(t1 > _BRAIN_THRESHOLD)
+    brainmask = _brainmask_of(t1)
     # The maps are stored as 0-255; tissue outside the mask is template blur, not brain.
     gm = np.clip(gm / 255.0, 0.0, 1.0) * brainmask
     wm = np.clip(wm / 255.0, 0.0, 1.0) * brainmask

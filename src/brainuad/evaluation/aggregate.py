@@ -6,7 +6,6 @@ What the report rules call; the table and figure primitives live in
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from brainuad.errors import InputError
+from brainuad.evaluation.calibration import THRESHOLD_FILE
 from brainuad.evaluation.evaluate import thresholds_for_dataset
 from brainuad.evaluation.figures import (
     plot_precision_recall,
@@ -40,6 +40,7 @@ from brainuad.evaluation.tables import (
 )
 from brainuad.evaluation.volumes import iter_subject_volumes
 from brainuad.io.atomic import atomic_path
+from brainuad.io.readers import read_json
 from brainuad.io.scores import ScoresFile
 from brainuad.slices.hdf5 import SliceFile
 
@@ -150,7 +151,7 @@ def slice_level_fold_values(summary_paths: Mapping[Key3, PathLike]) -> pd.DataFr
     summarise with ``count_name="n_slices"``."""
     rows = []
     for (method, fold, dataset), path in summary_paths.items():
-        slice_level = json.loads(Path(path).read_text())["slice_level"]
+        slice_level = read_json(path, "metrics summary (JSON)")["slice_level"]
         for metric in SLICE_METRICS:
             value = slice_level.get(metric)
             rows.append(
@@ -216,7 +217,7 @@ def prevalence_note(
 
 
 def _threshold(threshold_path: PathLike, dataset: str, protocol: str) -> float:
-    record = json.loads(Path(threshold_path).read_text())
+    record = read_json(threshold_path, THRESHOLD_FILE)
     entries = thresholds_for_dataset(record, dataset)
     if protocol not in entries:
         raise InputError(f"{threshold_path}: no threshold for protocol {protocol!r}")

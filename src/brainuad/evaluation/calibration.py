@@ -51,6 +51,23 @@ from brainuad.provenance import provenance
 
 Protocol = Literal["healthy_fpr", "best_dice_val"]
 
+#: What a threshold file is, in error messages.
+THRESHOLD_FILE = "threshold file (threshold.json, brainuad.evaluation.calibration)"
+
+
+def check_finite_values(values: np.ndarray, what: str) -> None:
+    """Raise InputError naming ``what`` if ``values`` hold NaN or infinite entries.
+
+    A NaN anomaly value compares False with every threshold, so it would silently be
+    "not flagged" and a NaN threshold would flag nothing; both must stop the run instead.
+    """
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(
+            f"{what}: {int(bad.sum())} of {values.size} values are NaN or infinite; "
+            "anomaly maps must be finite (rescore with a method that produces finite maps)"
+        )
+
 
 def _pool(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray], what: str) -> np.ndarray:
     if len(arrays) != len(masks):
@@ -101,6 +118,7 @@ def threshold_at_healthy_fpr(
     n = values.size
     if n == 0:
         raise InputError("healthy FPR calibration: no brain voxels in the healthy maps")
+    check_finite_values(values, "healthy FPR calibration: the healthy validation maps")
     k = math.floor(fpr * n)
     rank = n - k - 1
     return float(np.partition(values, rank)[rank]), int(n)
@@ -122,6 +140,7 @@ def threshold_best_dice(
         ``(threshold, pooled_dice, n_voxels)``.
     """
     values = _pool(maps, brainmasks, "maps")
+    check_finite_values(values, "best-Dice calibration: the validation maps")
     labels = _pool([np.asarray(s) > 0 for s in segs], brainmasks, "segs")
     best, threshold = best_dice_threshold(values, labels, n_candidates=n_candidates)
     if math.isnan(best):
@@ -188,6 +207,8 @@ def calibrate(
         uses_pixel_labels = True
     else:
         raise ValueError(f"protocol: expected healthy_fpr or best_dice_val, got {protocol!r}")
+    if not math.isfinite(threshold):
+        raise InputError(f"{protocol} calibration on {list(scores_files)}: threshold {threshold}")
     distinct_splits = sorted({str(split) for split in splits})
     record["chosen_on"] = {
         "dataset": dataset if isinstance(dataset, str) else list(dataset),
@@ -214,5 +235,14 @@ def threshold_values(thresholds: Mapping[str, Any]) -> dict[str, float]:
     entries = threshold_entries(thresholds)
     out = {}
     for name, entry in entries.items():
-        out[name] = float(entry["threshold"] if isinstance(entry, dict) else entry)
+        value = entry["threshold"] if isinstance(entry, dict) else entry
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            out[name] = math.nan
+        if not math.isfinite(out[name]):
+            raise InputError(
+                f"threshold {name!r} is {value!r}, expected a finite number; recalibrate "
+                "(delete the threshold.json it came from and rerun snakemake)"
+            )
     return out

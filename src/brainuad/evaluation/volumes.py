@@ -77,8 +77,9 @@ def iter_subject_volumes(
             read. None: every scored subject.
 
     Raises:
-        InputError: rows outside the slice file, map size unlike the slices, one subject
-            with the same ``slice_index`` twice, or a requested subject not scored.
+        InputError: rows outside the slice file, map size unlike the slices, a NaN or
+            infinite map value, one subject with the same ``slice_index`` twice, or a
+            requested subject not scored.
     """
     slices = _open(slice_file, SliceFile)
     scores = _open(scores_file, ScoresFile)
@@ -125,6 +126,16 @@ def _assemble(
             f"expected {data['brainmask'].shape[1:]} as in {slices.path}"
         )
     index = data["slice_index"].astype(np.int64)
+    finite = np.isfinite(amap).reshape(amap.shape[0], -1).all(axis=1)
+    if not finite.all():
+        attrs = scores.attrs
+        raise InputError(
+            f"{scores.path}: anomaly map of method {attrs.get('method', '?')!r}, fold "
+            f"{attrs.get('fold', '?')}, dataset {attrs.get('dataset', '?')!r}, subject "
+            f"{subject!r}, slice_index {index[~finite][:5].tolist()} holds NaN or infinite "
+            "values; evaluation takes finite maps only (delete the file and rerun snakemake "
+            "to rescore it)"
+        )
     if np.unique(index).size != index.size:
         raise InputError(
             f"{slices.path}: subject {subject} has a repeated 'slice_index' among the rows "

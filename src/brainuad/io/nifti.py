@@ -10,6 +10,7 @@ import numpy as np
 
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path
+from brainuad.io.readers import corrupt_file_error
 
 
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
@@ -26,9 +27,7 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files
-        raise InputError(
-            f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})"
-        ) from err
+        raise corrupt_file_error(path, "NIfTI file", err) from err
     if data.ndim == 4 and data.shape[3] == 1:
         img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
         data = data[..., 0]

@@ -30,6 +30,10 @@ import numpy as np
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path
 from brainuad.io.hdf5 import read_rows
+from brainuad.io.readers import corrupt_file_error, open_hdf5
+
+#: What a scores file is, in error messages.
+SCORES_FILE = "scores file (HDF5, brainuad.io.scores)"
 
 
 class ScoresWriter:
@@ -86,6 +90,13 @@ class ScoresWriter:
         start, stop = self._written, self._written + b
         if stop > self.rows.size:
             raise ValueError(f"{self.path}: more maps written than rows ({self.rows.size})")
+        finite = np.isfinite(anomaly_map).reshape(b, -1).all(axis=1)
+        if not finite.all():
+            bad = self.rows[start:stop][~finite]
+            raise InputError(
+                f"{self.path}: anomaly maps of slice-file rows {bad[:5].tolist()} hold NaN or "
+                "infinite values; a scores file only takes finite maps"
+            )
         self._file["anomaly_map"][start:stop] = anomaly_map.astype(np.float32)
         if reconstruction is not None and "reconstruction" in self._file:
             self._file["reconstruction"][start:stop] = reconstruction.astype(np.float32)
@@ -108,11 +119,9 @@ class ScoresFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"{self.path}: scores file does not exist")
-        with h5py.File(self.path, "r") as f:
+        with open_hdf5(self.path, SCORES_FILE) as f:
             if "row" not in f or "anomaly_map" not in f:
-                raise InputError(f"{self.path}: not a scores file (needs 'row' and 'anomaly_map')")
+                raise corrupt_file_error(self.path, SCORES_FILE, "needs 'row' and 'anomaly_map'")
             self.rows: np.ndarray = f["row"][:]
             self.has_reconstruction = "reconstruction" in f
             self.attrs: dict[str, Any] = dict(f.attrs)
@@ -133,7 +142,7 @@ class ScoresFile:
         None reads every row.
         """
         sel = slice(None) if positions is None else positions
-        with h5py.File(self.path, "r") as f:
+        with open_hdf5(self.path, SCORES_FILE) as f:
             if isinstance(sel, slice):
                 out = {"anomaly_map": f["anomaly_map"][sel], "row": self.rows[sel]}
                 if reconstruction and self.has_reconstruction:

@@ -24,7 +24,7 @@ import torch
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.io.atomic import atomic_path
+from brainuad.io.torchfile import save_torch
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
@@ -252,7 +252,8 @@ class Method(torch.nn.Module, abc.ABC):
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write weights, name, hyperparameters and brainuad version to ``path`` atomically."""
+        """Write weights, name, hyperparameters and brainuad version to ``path`` atomically;
+        identical weights give identical bytes (:func:`brainuad.io.torchfile.save_torch`)."""
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -261,8 +262,7 @@ class Method(torch.nn.Module, abc.ABC):
             "brainuad_version": brainuad.__version__,
             "state_dict": state,
         }
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Method:

@@ -25,6 +25,7 @@ Order, and why:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,10 +45,11 @@ from brainuad.preprocess.crop import brain_box_centre, crop_or_pad
 from brainuad.preprocess.normalise import percentile_normalise
 from brainuad.preprocess.orientation import reorient_to_ras
 from brainuad.preprocess.qc import write_qc_png
-from brainuad.preprocess.register import register
+from brainuad.preprocess.register import ants_random_seed, register
 from brainuad.preprocess.resample import resample_to_isotropic
 from brainuad.preprocess.skullstrip import SKULLSTRIP_METHODS, skull_strip
 from brainuad.preprocess.skullstrip_deepbet import DEEPBET_GRIDS
+from brainuad.provenance import seed_everything
 
 STEP_ORDER = (
     "reorient",
@@ -124,6 +126,7 @@ def preprocess_subject(
     deepbet_threshold: float = 0.5,
     normalise_percentiles: tuple[float, float] = (1.0, 99.0),
     crop_shape: tuple[int, int, int] = (160, 192, 160),
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Preprocess one subject's sequences onto the shared template grid.
 
@@ -144,9 +147,14 @@ def preprocess_subject(
         deepbet_threshold: brain probability threshold of deepbet.
         normalise_percentiles: brain percentiles mapped to 0 and 1.
         crop_shape: output box in voxels of ``resolution_mm``, centred on the template brain.
+        seed: the study seed; seeds Python, NumPy and torch (deepbet) and, through
+            :func:`~brainuad.preprocess.register.ants_random_seed`, every ANTs registration
+            (ANTs seeds 0 from the clock, which made two runs differ).
 
     Threads are not set here: ITK and torch read the process-wide settings of the caller
     (the workflow's ``brainuad.workflow.rule_logging`` caps them at the rule's ``threads``).
+    Outputs are bit-identical between runs with one ITK thread
+    (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``, the workflow's setting; docs/reliability.md).
 
     Returns:
         The QC record (JSON-ready): Dice of the stripped mask vs ``truth_brainmask`` (in
@@ -171,6 +179,8 @@ def preprocess_subject(
         )
     timer = _StepTimer()
     reference_path = Path(images[reference_sequence])
+    seed_everything(seed)
+    random_seed = ants_random_seed(seed)
 
     with timer.step("load"):
         reference = load_nifti(reference_path)
@@ -230,6 +240,7 @@ def preprocess_subject(
                 template_brainmask=template_mask,
                 deepbet_threshold=deepbet_threshold,
                 registration_type=registration_type,
+                random_seed=random_seed,
             )
         except ValueError as err:
             raise InputError(f"{reference_path}: skull-stripping failed: {err}") from err
@@ -248,7 +259,9 @@ def preprocess_subject(
 
     with timer.step("register"):
         moving = heads[reference_sequence] * subject_mask
-        with register(template_brain, moving, type_of_transform=registration_type) as reg:
+        with register(
+            template_brain, moving, type_of_transform=registration_type, random_seed=random_seed
+        ) as reg:
             out_mask = _as_mask(reg.to_fixed(subject_mask, "nearestNeighbor", grid))
             moved = {k: reg.to_fixed(v, "linear", grid).numpy() for k, v in heads.items()}
             # From the reoriented native grid: one interpolation for labels too.
@@ -334,6 +347,10 @@ def preprocess_subject(
                 "deepbet_grids": DEEPBET_GRIDS if skullstrip_method == "deepbet" else None,
                 "normalise_percentiles": list(normalise_percentiles),
                 "crop_shape": list(crop_shape),
+                "seed": seed,
+                "ants_random_seed": random_seed,
+                # Registration is bit-identical between runs only with one ITK thread.
+                "itk_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "default"),
             },
         }
     )

@@ -62,13 +62,18 @@ class Registration:
         )
 
 
+def ants_random_seed(seed: int) -> int:
+    """A valid ANTs seed (1 … 2³¹ − 1) derived from the study ``seed``, never 0."""
+    return 1 + int(seed) % (2**31 - 2)
+
+
 @contextlib.contextmanager
 def register(
     fixed: ants.ANTsImage,
     moving: ants.ANTsImage,
     *,
     type_of_transform: str = "Affine",
-    random_seed: int | None = 0,
+    random_seed: int = 1,
 ) -> Iterator[Registration]:
     """Register ``moving`` onto ``fixed``; yield the transforms, then delete their files.
 
@@ -76,8 +81,18 @@ def register(
         fixed: target image (the template brain).
         moving: image to align (the subject's stripped brain).
         type_of_transform: any ``ants.registration`` type: "Rigid", "Affine", "SyN", ...
-        random_seed: seed of the metric's random sampling, for repeatable transforms.
+        random_seed: seed of the metric's random sampling, for repeatable transforms; must be
+            ≥ 1 (ANTs seeds 0 from the clock). Bit-identical transforms also need one ITK
+            thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` before ITK is first used, as
+            :func:`brainuad.workflow.rule_logging` sets for single-threaded rules).
+
+    Raises:
+        ValueError: ``random_seed`` below 1.
     """
+    if not isinstance(random_seed, int) or random_seed < 1:
+        raise ValueError(
+            f"random_seed={random_seed!r}: expected an integer ≥ 1 (ANTs seeds 0 from the clock)"
+        )
     with tempfile.TemporaryDirectory(prefix="brainuad_ants_") as folder:
         result = ants.registration(
             fixed=fixed,

@@ -28,15 +28,21 @@ def skull_strip(
     template_brainmask: ants.ANTsImage,
     deepbet_threshold: float = 0.5,
     registration_type: str = "Affine",
+    random_seed: int = 1,
 ) -> np.ndarray:
     """Brain mask (bool, on ``head_ras``'s grid) of a T1 head whose voxel axes are RAS.
 
-    May return an empty mask; the caller decides how to report it.
+    May return an empty mask; the caller decides how to report it. ``random_seed`` is the
+    ANTs seed of the ``template`` method's registration (≥ 1).
     """
     if method == "deepbet":
         return deepbet_brainmask(head_ras.numpy(), threshold=deepbet_threshold)
     if method == "template":
         return registration_brainmask(
-            head_ras, template_t1, template_brainmask, type_of_transform=registration_type
+            head_ras,
+            template_t1,
+            template_brainmask,
+            type_of_transform=registration_type,
+            random_seed=random_seed,
         )
     raise ValueError(f"skullstrip_method: '{method}' is not one of {SKULLSTRIP_METHODS}")

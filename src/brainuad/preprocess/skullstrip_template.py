@@ -28,6 +28,7 @@ def registration_brainmask(
     type_of_transform: str = "Affine",
     refinements: int = 0,
     margin_mm: float = 6.0,
+    random_seed: int = 1,
 ) -> np.ndarray:
     """Brain mask (bool, on ``head``'s grid) from the inverse of a head-to-template registration.
 
@@ -38,6 +39,7 @@ def registration_brainmask(
         type_of_transform: ``ants.registration`` type for every pass.
         refinements: passes after the first, each on the head cut to the grown mask.
         margin_mm: how far the mask is grown before cutting the head for the next pass.
+        random_seed: ANTs seed of every pass (≥ 1; see :func:`brainuad.preprocess.register`).
     """
     template_brain = template_t1 * template_brainmask
     moving = head
@@ -45,7 +47,9 @@ def registration_brainmask(
     mask = np.zeros(head.shape, dtype=bool)
     margin_voxels = max(1, round(margin_mm / min(head.spacing)))
     for _ in range(refinements + 1):
-        with register(fixed, moving, type_of_transform=type_of_transform) as registration:
+        with register(
+            fixed, moving, type_of_transform=type_of_transform, random_seed=random_seed
+        ) as registration:
             probability = registration.to_moving(template_brainmask, "linear").numpy()
         mask = probability > 0.5
         if not mask.any():

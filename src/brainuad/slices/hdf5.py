@@ -40,9 +40,12 @@ import numpy as np
 from brainuad.errors import InputError
 from brainuad.io.atomic import atomic_path
 from brainuad.io.hdf5 import read_rows
+from brainuad.io.readers import corrupt_file_error, hdf5_errors, open_hdf5
 
 CONTRACT_VERSION = 1
 _STR = h5py.string_dtype(encoding="utf-8")
+#: What a slice file is, in error messages.
+SLICE_FILE = "slice file (HDF5, brainuad.slices.hdf5)"
 #: File attributes the writer sets itself; caller ``attrs`` must not name them.
 RESERVED_ATTRS = frozenset({"sequences", "contract_version", "min_lesion_pixels"})
 
@@ -173,17 +176,20 @@ class SliceFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"{self.path}: slice file does not exist")
         self._file: h5py.File | None = None
         self._pid: int | None = None
-        with h5py.File(self.path, "r") as f:
+        with open_hdf5(self.path, SLICE_FILE) as f:
             missing = {"images", "brainmask", "seg", "label", "subject", "slice_index"} - set(f)
             if "sequences" not in f.attrs:
                 missing.add("attrs['sequences']")
             if missing:
-                raise InputError(
-                    f"{self.path}: not a slice file, missing datasets {sorted(missing)}"
+                raise corrupt_file_error(self.path, SLICE_FILE, f"missing {sorted(missing)}")
+            version = f.attrs.get("contract_version")
+            if version != CONTRACT_VERSION:
+                raise corrupt_file_error(
+                    self.path,
+                    SLICE_FILE,
+                    f"contract_version {version}, this version reads {CONTRACT_VERSION}",
                 )
             self.sequences: list[str] = json.loads(f.attrs["sequences"])
             self.shape: tuple[int, ...] = tuple(f["images"].shape)
@@ -198,7 +204,8 @@ class SliceFile:
     @property
     def file(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            with hdf5_errors(self.path, SLICE_FILE):
+                self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
         return self._file
 
@@ -229,8 +236,9 @@ class SliceFile:
     def read(self, rows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """Read the given rows (any order) into memory: only those rows are touched."""
         rows = np.asarray(rows, dtype=np.int64)
-        f = self.file
-        out = {name: read_rows(f[name], rows) for name in ("images", "brainmask", "seg")}
+        with hdf5_errors(self.path, SLICE_FILE):
+            f = self.file
+            out = {name: read_rows(f[name], rows) for name in ("images", "brainmask", "seg")}
         out["label"] = self.labels[rows]
         out["subject"] = self.subjects[rows]
         out["slice_index"] = self.slice_indices[rows]
@@ -302,10 +310,13 @@ class SliceDataset:
         import torch
 
         row = int(self.rows[index])
-        f = self.slices.file
-        image = torch.from_numpy(f["images"][row][self.channels])
-        brainmask = torch.from_numpy(f["brainmask"][row][None].astype(np.float32))
-        seg = torch.from_numpy(f["seg"][row])
+        with hdf5_errors(self.slices.path, SLICE_FILE):
+            f = self.slices.file
+            image = f["images"][row][self.channels]
+            brainmask, seg = f["brainmask"][row], f["seg"][row]
+        image = torch.from_numpy(image)
+        brainmask = torch.from_numpy(brainmask[None].astype(np.float32))
+        seg = torch.from_numpy(seg)
         if self.size is not None:
             from brainuad.slices.resize import resize_image, resize_mask
 

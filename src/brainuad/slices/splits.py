@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from brainuad.errors import InputError
 from brainuad.io.atomic import write_text_atomic
+from brainuad.io.readers import corrupt_file_error, require_file
 
 COLUMNS = ["subject", "split", "fold"]
 SPLITS = ("train", "val", "test")
@@ -209,13 +209,11 @@ def read_splits(path: str | os.PathLike) -> pd.DataFrame:
     Raises:
         InputError: naming ``path`` if it is missing, unreadable or invalid.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: splits file does not exist")
+    path = require_file(path, "splits file")
     try:
         df = pd.read_csv(path, dtype={"subject": str, "split": str}, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a readable CSV ({err})") from err
+        raise corrupt_file_error(path, "splits CSV (subject, split, fold)", err) from err
     df = df.replace("", np.nan)
     check_splits(df, source=path)
     df["fold"] = pd.to_numeric(df["fold"]).astype(np.int64)

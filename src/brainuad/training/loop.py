@@ -43,7 +43,13 @@ from tqdm.auto import tqdm
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from brainuad.io.atomic import remove_stale_temporaries, write_text_atomic
+from brainuad.io.torchfile import (
+    load_newest_readable,
+    load_torch,
+    save_keeping_previous,
+    save_torch,
+)
 from brainuad.provenance import seed_everything
 from brainuad.training.device import DeviceName, check_device_name, resolve_device
 
@@ -607,15 +613,14 @@ def _write_best(run: TrainingRun, method: Method, *, step: int, val_loss: float)
         "val_loss": val_loss,
         "model": {k: v.detach().cpu() for k, v in method.state_dict().items()},
     }
-    with atomic_path(run.best_path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, run.best_path)
 
 
 def _use_scored_weights(method: Method, run: TrainingRun, best: dict[str, Any]) -> None:
     """Load the best-validation weights into ``method`` when the run scores them."""
     if run.score_checkpoint != "best":
         return
-    payload = torch.load(run.best_path, map_location="cpu", weights_only=True)
+    payload = load_torch(run.best_path, "best-validation weights")
     if payload.get("format") != BEST_FORMAT or payload.get("step") != best["step"]:
         raise InputError(
             f"{run.best_path}: expected the best weights of step {best['step']}, found step "
@@ -666,8 +671,7 @@ def _write_checkpoint(
         "last_val_loss": last_val_loss,
         "run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
     }
-    with atomic_path(run.checkpoint_path) as tmp:
-        torch.save(payload, tmp)
+    save_keeping_previous(payload, run.checkpoint_path)
 
 
 def _training_hparams(method: Method, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -677,10 +681,16 @@ def _training_hparams(method: Method, hparams: dict[str, Any]) -> dict[str, Any]
 
 def _read_checkpoint(path: Path, method: Method, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if it exists, after checking it was made by the run
-    described by ``identity`` (the keys built in :func:`train`)."""
-    if not path.exists():
+    described by ``identity`` (the keys built in :func:`train`). A damaged ``path`` is moved
+    aside and the previous checkpoint (``last.previous.pt``) used instead, with a warning
+    (:func:`brainuad.io.torchfile.load_newest_readable`)."""
+    run_path = path
+    loaded = load_newest_readable(path, "brainuad training checkpoint", _LOGGER)
+    if loaded is None:
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload, path = loaded
+    if path != run_path:
+        _LOGGER.warning("resuming from the previous checkpoint %s", path)
     if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith(
         "brainuad.training/"
     ):
