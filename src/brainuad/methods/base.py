@@ -24,7 +24,7 @@ import torch
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.io.torchfile import save_torch
+from brainuad.io.torchfile import load_torch, save_torch
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
@@ -281,9 +281,7 @@ class Method(torch.nn.Module, abc.ABC):
 
 def _read_method_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The payload of a file written by :meth:`Method.save`, checked for its format."""
-    if not path.exists():
-        raise InputError(f"{path}: model file does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_torch(path, "brainuad model file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a brainuad model file (format {CHECKPOINT_FORMAT})")
     return payload
