@@ -696,6 +696,10 @@ def _ms(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params):
         field = anatomy.signed_distance if place == "juxtacortical" else anatomy.ventricle_distance
         direction = _uphill(anatomy, field, centre)
         axes = _ovoid_axes(rng, float(ml), (1.5, 2.5))
+        if place == "periventricular":
+            # the inner tip rests on the ventricle wall; the plaque reaches outwards
+            wall = _sample_blocks(anatomy.ventricle_distance, _template_voxel(anatomy, centre))
+            centre = centre + direction * max(0.0, 0.8 * axes[0] - float(wall[0]))
         box, q = _ellipsoid(
             coords, grid, anatomy, tissue, noise, centre=centre, axes=axes,
             frame=_frame(rng, direction), volume_ml=float(ml), share=_white_matter_share,
