@@ -87,10 +87,7 @@ PUBLISHED_VOLUMES: dict[str, VolumeSummary] = {
         q3_ml=15.0,
         low_ml=0.3,
         high_ml=80.0,
-        source=(
-            "Lesjak et al. 2018, Neuroinformatics 16(1):51-63, Table 2 (lesion volume per "
-            "patient)"
-        ),
+        source="Lesjak et al. 2018, Neuroinformatics 16(1):51-63, Table 2 (per-patient volumes)",
         approximate=True,
     ),
     "stroke": VolumeSummary(
