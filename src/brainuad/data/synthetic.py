@@ -111,7 +111,7 @@ _TEXTURE = {
 # 2: a lesion no longer removes the CSF rim outside the brain. 3: lesion volumes drawn from
 # the published distributions (brainuad.data.lesion_volumes), WMH periventricular caps and
 # bands with punctate deep lesions, the `ms` kind, small subcortical strokes.
-_GENERATOR_VERSION = 3
+GENERATOR_VERSION = 3
 _STREAM_GEOMETRY, _STREAM_HEAD, _STREAM_LESION, _STREAM_VOLUME, _STREAM_SEQUENCE = 0, 1, 2, 3, 10
 _EDGE_MM = 1.0  # width of partial-volume ramps at tissue boundaries
 _DISPLACEMENT_CAP = 2.5  # displacement components never exceed 2.5 sigma
@@ -1006,7 +1006,7 @@ def generate_subject(
     n_components = int(ndimage.label(seg > 0)[1]) if lesion != "none" else 0
     metadata = {
         "generator": "brainuad.data.synthetic",
-        "generator_version": _GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "template": "MNI ICBM152 2009a nonlinear symmetric (nilearn package data)",
         "seed": seed,
         "lesion": lesion,
