@@ -1,6 +1,7 @@
 # Input functions of the synthetic cohort (generator settings per job, lesion-volume QC),
 # kept beside common.smk so that the synthetic cohort's pieces stay together.
 
+from brainuad.data.lesion_volumes import cohort_quantiles
 from brainuad.data.synthetic import GENERATOR_VERSION as SYNTHETIC_GENERATOR_VERSION
 
 
@@ -14,6 +15,15 @@ def synthetic_lesion_settings(wildcards):
     """synthetic.lesions.<kind> of the dataset's lesion kind ({} = published defaults)."""
     kind = config["datasets"][wildcards.dataset]["lesion"]
     return config.get("synthetic", {}).get("lesions", {}).get(kind, {})
+
+
+def synthetic_volume_quantile(wildcards):
+    """The subject's stratum of its cohort's lesion-volume distribution (see
+    brainuad.data.lesion_volumes.cohort_quantiles), so that even a handful of subjects
+    spans the distribution."""
+    subjects = subjects_of(wildcards.dataset)
+    quantiles = cohort_quantiles(config["seed"], wildcards.dataset, len(subjects))
+    return round(float(quantiles[subjects.index(wildcards.subject)]), 6)
 
 
 def synthetic_metadata(wildcards):

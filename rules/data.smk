@@ -35,6 +35,7 @@ rule generate_synthetic_subject:
         seed=config["seed"],
         synthetic=synthetic_options,
         lesion_settings=synthetic_lesion_settings,
+        lesion_volume_quantile=synthetic_volume_quantile,
         generator_version=SYNTHETIC_GENERATOR_VERSION,
     script:
         "../workflow_scripts/generate_synthetic_subject.py"

@@ -10,7 +10,9 @@ from brainuad.data import synthetic
 from brainuad.data.lesion_volumes import (
     PUBLISHED_VOLUMES,
     check_quartiles,
+    cohort_quantiles,
     draw_lesion_volume,
+    lesion_volume_at,
 )
 from brainuad.data.synthetic import SyntheticSubject, generate_subject, subject_seed
 from brainuad.errors import InputError
@@ -45,6 +47,21 @@ def test_published_summaries_are_ordered_and_cited():
         assert "et al." in summary.source and summary.dataset
 
 
+def test_quantiles_give_the_quartiles_and_cohorts_are_stratified():
+    quartiles = (3.5, 9.0, 20.0)
+    at = [lesion_volume_at(u, quartiles, (0.5, 150.0)) for u in (0.25, 0.5, 0.75)]
+    np.testing.assert_allclose(at, quartiles, rtol=1e-4)
+    assert lesion_volume_at(0.001, quartiles, (0.5, 150.0)) == 0.5  # clipped tail
+    u = cohort_quantiles(3141, "synth_wmh", 5)
+    assert np.array_equal(u, cohort_quantiles(3141, "synth_wmh", 5))
+    assert not np.array_equal(u, cohort_quantiles(3141, "synth_mslub", 5))
+    # one subject per fifth of the distribution, not in subject order
+    assert sorted(np.floor(u * 5).astype(int)) == [0, 1, 2, 3, 4]
+    assert not np.all(np.diff(u) > 0)
+    with pytest.raises(InputError, match="quantile"):
+        lesion_volume_at(1.0, quartiles, (0.5, 150.0))
+
+
 @pytest.mark.parametrize("quartiles", [(0.0, 1.0, 2.0), (3.0, 2.0, 4.0), (1.0, 2.0), "abc"])
 def test_bad_quartiles_are_refused(quartiles):
     with pytest.raises(InputError, match="q1"):
@@ -56,19 +73,21 @@ def test_bad_quartiles_are_refused(quartiles):
 
 @pytest.fixture(scope="module")
 def cohorts() -> dict[str, list[SyntheticSubject]]:
-    """A handful of subjects per lesion kind, seeded as the workflow seeds them."""
-    return {
-        kind: [
+    """A handful of subjects per lesion kind, seeded and stratified as the workflow does."""
+    cohorts = {}
+    for kind in PUBLISHED_VOLUMES:
+        quantiles = cohort_quantiles(3141, f"synth_{kind}", N_SUBJECTS)
+        cohorts[kind] = [
             generate_subject(
                 seed=subject_seed(3141, f"synth_{kind}", f"sub-{i:03d}"),
                 lesion=kind,
                 sequences=("flair",),
                 voxel_size_range=COARSE,
+                lesion_volume_quantile=float(quantiles[i]),
             )
             for i in range(N_SUBJECTS)
         ]
-        for kind in PUBLISHED_VOLUMES
-    }
+    return cohorts
 
 
 @pytest.mark.parametrize("kind", sorted(PUBLISHED_VOLUMES))

@@ -19,6 +19,8 @@ with rule_logging(snakemake.log[0]) as log:
         options["lesion_volume_ml"] = (volume["q1"], volume["median"], volume["q3"])
     if "edge_mm" in lesion_settings:
         options["lesion_edge_mm"] = lesion_settings["edge_mm"]
+    if snakemake.params.lesion != "none":
+        options["lesion_volume_quantile"] = snakemake.params.lesion_volume_quantile
     subject = generate_subject(
         seed=seed,
         lesion=snakemake.params.lesion,

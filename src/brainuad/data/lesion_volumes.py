@@ -9,12 +9,20 @@ The draw is a split (two-piece) log-normal: ``log V = log(median) + z * s`` with
 standard normal and ``s = log(median / q1) / z75`` below the median, ``log(q3 / median) / z75``
 above it (``z75 = 0.6745``, the normal's upper quartile). Its median and quartiles are exactly
 the three given numbers, and it keeps the right skew of lesion loads.
+
+A cohort of a handful of subjects drawn independently can miss the distribution by chance
+(five draws put the median outside the interquartile range one time in five), so the
+workflow stratifies: :func:`cohort_quantiles` gives each subject of a cohort its own stratum
+``[i/n, (i+1)/n)`` of the distribution, in a seeded random order, and the volume is the
+distribution's quantile at a random point of that stratum (Latin hypercube sampling).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -114,24 +122,49 @@ def check_quartiles(quartiles: tuple[float, float, float], where: str) -> tuple[
     return q1, median, q3
 
 
-def draw_lesion_volume(
-    rng: np.random.Generator,
-    quartiles: tuple[float, float, float],
-    bounds: tuple[float, float],
+def lesion_volume_at(
+    quantile: float, quartiles: tuple[float, float, float], bounds: tuple[float, float]
 ) -> float:
-    """One total lesion volume (ml) from the split log-normal with these quartiles.
+    """The total lesion volume (ml) at ``quantile`` of the split log-normal with these quartiles.
 
     Args:
-        rng: random generator (one standard-normal draw is used).
+        quantile: in (0, 1).
         quartiles: ``(q1, median, q3)`` in ml, ``0 < q1 <= median <= q3``.
-        bounds: ``(low, high)`` in ml; the draw is clipped to it (tails only, so the
+        bounds: ``(low, high)`` in ml; the volume is clipped to it (tails only, so the
             quartiles are kept when ``low <= q1`` and ``q3 <= high``).
 
     Returns:
         The volume in ml.
     """
+    if not 0.0 < quantile < 1.0:
+        raise InputError(f"lesion volume quantile: expected a value in (0, 1), got {quantile!r}")
     q1, median, q3 = check_quartiles(quartiles, "lesion volume quartiles")
-    z = float(rng.standard_normal())
+    z = NormalDist().inv_cdf(quantile)
     spread = math.log(median / q1) if z < 0 else math.log(q3 / median)
     volume = median * math.exp(z * spread / Z75)
     return float(np.clip(volume, *bounds))
+
+
+def draw_lesion_volume(
+    rng: np.random.Generator,
+    quartiles: tuple[float, float, float],
+    bounds: tuple[float, float],
+) -> float:
+    """One independent draw of :func:`lesion_volume_at` at a uniform random quantile."""
+    quantile = float(np.clip(rng.uniform(), 1e-9, 1.0 - 1e-9))
+    return lesion_volume_at(quantile, quartiles, bounds)
+
+
+def cohort_quantiles(seed: int, dataset: str, n_subjects: int) -> np.ndarray:
+    """Stratified quantiles of a cohort's subjects (subject order), for :func:`lesion_volume_at`.
+
+    Subject ``i`` gets a uniform point of stratum ``perm[i]`` of ``n_subjects`` equal strata
+    of (0, 1), with ``perm`` a random permutation; both seeded by ``(seed, dataset)``, so the
+    same on every machine and independent of the subjects' own seeds.
+    """
+    if n_subjects < 1:
+        raise InputError(f"n_subjects: expected at least 1, got {n_subjects!r}")
+    digest = hashlib.sha256(f"{int(seed)}\0{dataset}\0lesion-volumes".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    strata = rng.permutation(n_subjects)
+    return (strata + rng.uniform(0.02, 0.98, n_subjects)) / n_subjects

@@ -52,7 +52,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from brainuad.data.lesion_volumes import PUBLISHED_VOLUMES, check_quartiles, draw_lesion_volume
+from brainuad.data.lesion_volumes import (
+    PUBLISHED_VOLUMES,
+    check_quartiles,
+    draw_lesion_volume,
+    lesion_volume_at,
+)
 from brainuad.data.template import MNITemplate, load_mni_template
 from brainuad.errors import InputError
 
@@ -622,9 +627,9 @@ def _periventricular(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_
     allowed = _white_matter_share(tissue, box)
     eligible = (allowed >= 0.5) & (tissue.brain[box] >= 0.5)
     target = _voxel_count(volume_ml, grid)
-    smallest = max(3.0, _voxel_count(0.02, grid))
+    smallest = max(2.0, _voxel_count(0.01, grid))
     wanted = target
-    for _ in range(2):  # the second pass makes up for the fragments the first one dropped
+    for _ in range(6):  # later passes make up for the fragments that earlier ones dropped
         level = _fit_level(phi, eligible, wanted)
         q = _ramp(level - phi, edge_mm) * allowed
         # keep the parts that touch the ventricles' surroundings and are not specks
@@ -635,9 +640,9 @@ def _periventricular(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_
         keep = np.isin(parts, touching)
         kept = float(keep.sum())
         q *= ndimage.binary_dilation(keep)
-        if kept >= 0.95 * target or kept == 0:
+        if kept >= 0.95 * target:
             break
-        wanted += target - kept
+        wanted += max(target - kept, 0.25 * target)
     lesion = q >= 0.5
     reach = float(distance[lesion].max()) if lesion.any() else 0.0
     full = np.zeros(grid.shape, dtype=np.float32)
@@ -892,6 +897,7 @@ def generate_subject(
     noise_fraction: float = 0.03,
     lesion_volume_ml: Sequence[float] | None = None,
     lesion_edge_mm: float | None = None,
+    lesion_volume_quantile: float | None = None,
 ) -> SyntheticSubject:
     """Generate one synthetic subject, fully determined by ``seed`` (see module docstring).
 
@@ -913,6 +919,10 @@ def generate_subject(
             (:func:`brainuad.data.lesion_volumes.draw_lesion_volume`). None: the published
             values of the imitated dataset (``PUBLISHED_VOLUMES[lesion]``).
         lesion_edge_mm: width of the lesion's partial-volume edge; None: ``LESION_EDGE_MM``.
+        lesion_volume_quantile: where in the volume distribution this subject lies, in
+            (0, 1); the workflow stratifies a cohort with
+            :func:`brainuad.data.lesion_volumes.cohort_quantiles`. None: an independent
+            draw seeded by ``seed``.
 
     Returns:
         The subject: head images, lesion labels, brain mask, tissue labels and metadata.
@@ -934,8 +944,11 @@ def generate_subject(
         if not 0.5 <= edge_mm <= 5.0:
             raise InputError(f"lesion_edge_mm: expected 0.5 to 5 mm, got {lesion_edge_mm!r}")
         bounds = (min(published.low_ml, quartiles[0]), max(published.high_ml, quartiles[2]))
-        volume_rng = np.random.default_rng([int(seed), _STREAM_VOLUME])
-        volume_ml = draw_lesion_volume(volume_rng, quartiles, bounds)
+        if lesion_volume_quantile is None:
+            volume_rng = np.random.default_rng([int(seed), _STREAM_VOLUME])
+            volume_ml = draw_lesion_volume(volume_rng, quartiles, bounds)
+        else:
+            volume_ml = lesion_volume_at(float(lesion_volume_quantile), quartiles, bounds)
     seed = int(seed)
     anatomy = _anatomy()
     params: dict = {}
