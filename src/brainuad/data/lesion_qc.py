@@ -160,14 +160,18 @@ def save_png(fig: Figure, path: str | os.PathLike) -> None:
 
 
 def _docs_figure(n_subjects: int, voxel_size_range: tuple[float, float], out: str) -> None:
+    from brainuad.data.lesion_volumes import cohort_quantiles
     from brainuad.data.synthetic import generate_subject, subject_seed
 
     panels = []
     for kind, published in PUBLISHED_VOLUMES.items():
+        dataset = f"synth_{kind}"
+        quantiles = cohort_quantiles(3141, dataset, n_subjects)
         volumes = [
             generate_subject(
-                seed=subject_seed(3141, f"synth_{kind}", f"sub-{i:03d}"), lesion=kind,
+                seed=subject_seed(3141, dataset, f"sub-{i:03d}"), lesion=kind,
                 sequences=("flair",), voxel_size_range=voxel_size_range,
+                lesion_volume_quantile=float(quantiles[i]),
             ).metadata["lesion_volume_ml"]
             for i in range(n_subjects)
         ]  # fmt: skip

@@ -104,7 +104,7 @@ PUBLISHED_VOLUMES: dict[str, VolumeSummary] = {
         median_ml=5.0,
         q3_ml=28.0,
         low_ml=0.1,
-        high_ml=300.0,
+        high_ml=250.0,
         source="Liew et al. 2022, Sci. Data 9:320, Fig. 3 (lesion volume distribution)",
         approximate=True,
     ),
