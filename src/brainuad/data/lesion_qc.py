@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from brainuad.data.lesion_volumes import PUBLISHED_VOLUMES, VolumeSummary, check_quartiles
 from brainuad.errors import InputError
@@ -139,12 +140,14 @@ def plot_lesion_volumes(panels: Sequence[Panel]) -> Figure:
         ax.axvline(median, color="tab:orange", lw=2, label="target median")
         volumes = np.asarray(panel.volumes_ml, dtype=float)
         ax.boxplot(
-            volumes, vert=False, widths=0.5, showfliers=False,
+            volumes, orientation="horizontal", widths=0.5, showfliers=False,
             medianprops={"color": "tab:blue", "lw": 2}, positions=[0],
         )  # fmt: skip
         ax.scatter(volumes, rng.uniform(-0.15, 0.15, volumes.size), s=14, color="tab:blue",
                    alpha=0.7, zorder=3, label="generated subjects")  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks([])
         ax.set_ylim(-0.6, 0.6)
         ax.set_title(panel.title, fontsize=9, loc="left")
