@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,36 @@ def test_records_refuse_old_metadata():
         lesion_volume_records({"sub-000": {"lesion": "wmh", "lesion_volume_ml": 1.0}})
     with pytest.raises(InputError, match="no subjects"):
         volume_comparison([], (1, 2, 3), PUBLISHED_VOLUMES["wmh"])
+
+
+@pytest.mark.slow
+def test_workflow_writes_the_lesion_volume_qc(tmp_path):
+    """The real rule on the tiny config: generation of the lesion cohort, then its QC."""
+    import subprocess
+    import sys
+
+    targets = [f"results/qc/lesion_volumes/synth_brats.{ext}" for ext in ("md", "csv", "png")]
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+        "--directory", str(tmp_path), "--configfile", str(ROOT / "config" / "tiny.yaml"),
+        "--cores", "2", *targets,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    records = pd.read_csv(tmp_path / targets[1])
+    assert list(records["subject"]) == ["sub-000", "sub-001"]
+    metadata = [
+        json.loads((tmp_path / f"results/standard/synth_brats/{s}/metadata.json").read_text())
+        for s in records["subject"]
+    ]
+    assert all(m["generator_version"] == 3 for m in metadata)
+    np.testing.assert_allclose(
+        records["lesion_volume_ml"], [m["lesion_volume_ml"] for m in metadata]
+    )
+    # stratified: the two subjects lie in different halves of the volume distribution
+    published = PUBLISHED_VOLUMES["tumour"]
+    low, high = sorted(records["drawn_volume_ml"])
+    assert low < published.median_ml < high
+    table = (tmp_path / targets[0]).read_text()
+    assert "synth_brats" in table and "| median |" in table
+    assert (tmp_path / targets[2]).stat().st_size > 5000
