@@ -33,6 +33,13 @@ smooth unit-variance texture field ``n``. It is multiplied by a smooth bias fiel
 complex Gaussian noise with sigma ``noise_fraction`` times the brightest brain-tissue mean)
 and scaled by a random scanner gain.
 
+Lesion model: each lesion kind imitates one public dataset (``tumour`` BraTS 2021, ``wmh``
+the WMH Segmentation Challenge 2017, ``ms`` MSLUB, ``stroke`` ATLAS v2.0). The subject's
+total lesion volume is drawn from that dataset's published distribution
+(:mod:`brainuad.data.lesion_volumes`); the lesion is a sub-level set of a field in mm whose
+level is fitted to that volume, with a partial-volume edge of ``LESION_EDGE_MM``. Shapes,
+locations, contrasts and their sources: ``docs/synthetic.md``.
+
 Random streams: geometry, head, lesion and each sequence draw from their own generator
 seeded by ``(seed, stream)``, so the same seed gives the same anatomy whatever the lesion
 kind or the subset of sequences asked for.
