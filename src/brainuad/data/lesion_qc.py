@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from brainuad.data.lesion_volumes import PUBLISHED_VOLUMES, VolumeSummary, check_quartiles
 from brainuad.errors import InputError
@@ -146,6 +146,7 @@ def plot_lesion_volumes(panels: Sequence[Panel]) -> Figure:
         ax.scatter(volumes, rng.uniform(-0.15, 0.15, volumes.size), s=14, color="tab:blue",
                    alpha=0.7, zorder=3, label="generated subjects")  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks([])
