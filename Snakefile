@@ -25,7 +25,9 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/common_synthetic.smk"
 include: "rules/data.smk"
+include: "rules/synthetic.smk"
 include: "rules/preprocess.smk"
 include: "rules/slices.smk"
 include: "rules/train.smk"
@@ -37,3 +39,4 @@ rule all:
     default_target: True
     input:
         all_targets(),
+        lesion_volume_qc_targets(),

@@ -33,6 +33,9 @@ rule generate_synthetic_subject:
         lesion=synthetic_lesion,
         sequences=SEQUENCES,
         seed=config["seed"],
-        synthetic=config.get("synthetic", {}),
+        synthetic=synthetic_options,
+        lesion_settings=synthetic_lesion_settings,
+        lesion_volume_quantile=synthetic_volume_quantile,
+        generator_version=SYNTHETIC_GENERATOR_VERSION,
     script:
         "../workflow_scripts/generate_synthetic_subject.py"

@@ -86,3 +86,4 @@ rule report:
     input:
         rules.aggregate_tables.output,
         rules.plot_figures.output,
+        lesion_volume_qc_targets(),

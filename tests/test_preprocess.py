@@ -51,7 +51,13 @@ MIN_DICE_TEMPLATE = 0.94
 def subject(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A generated tumour subject (non-RAS, anisotropic, biased, noisy head) on disk."""
     folder = tmp_path_factory.mktemp("subject")
-    generated = generate_subject(seed=7, lesion="tumour", sequences=SEQUENCES)
+    # A small tumour (10th percentile of the BraTS-like volumes, about 27 ml; generator v2's
+    # tumours were 14-65 ml): at the median (80 ml) the affine registration of the template
+    # stripper fails on this subject (brain-mask Dice 0.77), a known limitation of
+    # `skullstrip_method: template` (docs/synthetic.md); deepbet copes with both.
+    generated = generate_subject(
+        seed=7, lesion="tumour", sequences=SEQUENCES, lesion_volume_quantile=0.1
+    )
     paths = {name: folder / f"{name}.nii.gz" for name in SEQUENCES}
     for name, image in generated.images.items():
         nib.save(image, paths[name])
@@ -95,6 +101,9 @@ def t1_steps(subject: dict) -> dict:
     tissues = resample_to_isotropic(
         nifti_to_ants(reorient_to_ras(generated.tissues)), RESOLUTION_MM, "nearest"
     )
+    seg = resample_to_isotropic(
+        nifti_to_ants(reorient_to_ras(generated.seg)), RESOLUTION_MM, "nearest"
+    )
     # N4 on the generated head, and on the same head times a strong known bias field.
     corrected = n4_correct(resampled, shrink_factor=2, iterations=(20, 20, 20, 20))
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in resampled.shape], indexing="ij")
@@ -108,6 +117,7 @@ def t1_steps(subject: dict) -> dict:
         "biased_corrected": n4_correct(biased, shrink_factor=2, iterations=(20, 20, 20, 20)),
         "truth": truth.numpy() > 0.5,
         "tissues": np.rint(tissues.numpy()).astype(int),
+        "lesion": seg.numpy() > 0.5,
     }
 
 
@@ -195,7 +205,8 @@ def test_resample_gives_requested_spacing_and_labels_stay_labels(subject: dict) 
 
 
 def test_n4_removes_a_known_multiplicative_bias(t1_steps: dict) -> None:
-    wm = (t1_steps["tissues"] == 3) & t1_steps["truth"]
+    # healthy white matter: the tissue labels are those under the lesion too
+    wm = (t1_steps["tissues"] == 3) & t1_steps["truth"] & ~t1_steps["lesion"]
 
     def coefficient_of_variation(image: ants.ANTsImage) -> float:
         values = image.numpy()[wm]

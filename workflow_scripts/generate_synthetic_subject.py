@@ -10,12 +10,22 @@ from brainuad.workflow import rule_logging
 with rule_logging(snakemake.log[0]) as log:
     wildcards = snakemake.wildcards
     seed = subject_seed(snakemake.params.seed, wildcards.dataset, wildcards.subject)
-    options = snakemake.params.synthetic
+    options = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in snakemake.params.synthetic.items()
+    }
+    lesion_settings = snakemake.params.lesion_settings
+    if "volume_ml" in lesion_settings:
+        volume = lesion_settings["volume_ml"]
+        options["lesion_volume_ml"] = (volume["q1"], volume["median"], volume["q3"])
+    if "edge_mm" in lesion_settings:
+        options["lesion_edge_mm"] = lesion_settings["edge_mm"]
+    if snakemake.params.lesion != "none":
+        options["lesion_volume_quantile"] = snakemake.params.lesion_volume_quantile
     subject = generate_subject(
         seed=seed,
         lesion=snakemake.params.lesion,
         sequences=tuple(snakemake.params.sequences),
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()},
+        **options,
     )
     for sequence, path in zip(snakemake.params.sequences, snakemake.output.images, strict=True):
         image = subject.images[sequence]

@@ -29,6 +29,12 @@ def check_config(config: dict[str, Any]) -> None:
     for name, spec in datasets.items():
         if spec["source"] == "synthetic" and "n_subjects" not in spec:
             raise ConfigError(f"datasets.{name}.n_subjects: required for synthetic datasets")
+    for kind, settings in config.get("synthetic", {}).get("lesions", {}).items():
+        volume = settings.get("volume_ml")
+        if volume is not None and not volume["q1"] <= volume["median"] <= volume["q3"]:
+            raise ConfigError(
+                f"synthetic.lesions.{kind}.volume_ml: expected q1 <= median <= q3, got {volume}"
+            )
     sequences = config["preprocess"]["sequences"]
     reference = config["preprocess"].get("reference_sequence", "t1")
     if reference not in sequences:

@@ -33,6 +33,13 @@ smooth unit-variance texture field ``n``. It is multiplied by a smooth bias fiel
 complex Gaussian noise with sigma ``noise_fraction`` times the brightest brain-tissue mean)
 and scaled by a random scanner gain.
 
+Lesion model: each lesion kind imitates one public dataset (``tumour`` BraTS 2021, ``wmh``
+the WMH Segmentation Challenge 2017, ``ms`` MSLUB, ``stroke`` ATLAS v2.0). The subject's
+total lesion volume is drawn from that dataset's published distribution
+(:mod:`brainuad.data.lesion_volumes`); the lesion is a sub-level set of a field in mm whose
+level is fitted to that volume, with a partial-volume edge of ``LESION_EDGE_MM``. Shapes,
+locations, contrasts and their sources: ``docs/synthetic.md``.
+
 Random streams: geometry, head, lesion and each sequence draw from their own generator
 seeded by ``(seed, stream)``, so the same seed gives the same anatomy whatever the lesion
 kind or the subset of sequences asked for.
@@ -52,10 +59,16 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from brainuad.data.lesion_volumes import (
+    PUBLISHED_VOLUMES,
+    check_quartiles,
+    draw_lesion_volume,
+    lesion_volume_at,
+)
 from brainuad.data.template import MNITemplate, load_mni_template
 from brainuad.errors import InputError
 
-LESION_KINDS = ("none", "tumour", "wmh", "stroke")
+LESION_KINDS = ("none", "tumour", "wmh", "ms", "stroke")
 SEQUENCES = ("t1", "t2", "flair")
 
 #: Labels of ``SyntheticSubject.seg`` for each lesion kind (0 is healthy everywhere).
@@ -63,6 +76,7 @@ SEG_LABELS = {
     "none": {},
     "tumour": {1: "necrotic core", 2: "oedema", 3: "enhancing rim"},
     "wmh": {1: "white-matter hyperintensity"},
+    "ms": {1: "multiple-sclerosis lesion"},
     "stroke": {1: "chronic infarct"},
 }
 
@@ -71,28 +85,31 @@ TISSUE_LABELS = {0: "air", 1: "csf", 2: "gm", 3: "wm", 4: "bone", 5: "fat", 6: "
 
 _TISSUES = (
     "csf", "gm", "wm", "bone", "marrow", "fat", "skin",
-    "necrosis", "oedema", "enhancing", "wmh", "stroke",
+    "necrosis", "oedema", "enhancing", "wmh", "ms", "stroke",
 )  # fmt: skip
 
 #: Mean signal of each tissue class per sequence, relative to white matter in T1.
 #: T1: fat > WM > GM > CSF > bone; T2: CSF > GM > WM, bone dark; FLAIR: GM > WM, CSF dark,
-#: lesions bright. Tumour core is T1-dark and T2-bright, WMH are slightly T1-dark,
-#: a chronic infarct is CSF-like in T1 and bright-ish in T2 and FLAIR.
+#: lesions bright. Lesions as described for each dataset (sources in docs/synthetic.md):
+#: tumour core T1-dark and T2-bright, oedema FLAIR-brightest; WMH T1 iso- to slightly
+#: hypointense, T2/FLAIR-bright; MS lesions T1-hypointense (more than WMH: some are
+#: "black holes"), T2/FLAIR-bright; a chronic infarct CSF-like in T1, bright in T2, and in
+#: FLAIR between CSF-dark cavitation and bright gliosis.
 TISSUE_INTENSITY: dict[str, dict[str, float]] = {
     "t1": {
         "csf": 0.22, "gm": 0.62, "wm": 1.00, "bone": 0.05, "marrow": 0.75, "fat": 1.15,
         "skin": 0.45, "necrosis": 0.20, "oedema": 0.52, "enhancing": 0.78, "wmh": 0.80,
-        "stroke": 0.28,
+        "ms": 0.66, "stroke": 0.28,
     },
     "t2": {
         "csf": 1.00, "gm": 0.52, "wm": 0.38, "bone": 0.04, "marrow": 0.45, "fat": 0.60,
         "skin": 0.30, "necrosis": 0.92, "oedema": 0.78, "enhancing": 0.60, "wmh": 0.72,
-        "stroke": 0.85,
+        "ms": 0.76, "stroke": 0.85,
     },
     "flair": {
         "csf": 0.08, "gm": 0.58, "wm": 0.44, "bone": 0.04, "marrow": 0.55, "fat": 0.75,
         "skin": 0.32, "necrosis": 0.45, "oedema": 0.95, "enhancing": 0.80, "wmh": 0.92,
-        "stroke": 0.68,
+        "ms": 0.90, "stroke": 0.68,
     },
 }  # fmt: skip
 
@@ -100,11 +117,14 @@ TISSUE_INTENSITY: dict[str, dict[str, float]] = {
 _TEXTURE = {
     "csf": 0.03, "gm": 0.05, "wm": 0.04, "bone": 0.15, "marrow": 0.15, "fat": 0.08,
     "skin": 0.08, "necrosis": 0.10, "oedema": 0.08, "enhancing": 0.12, "wmh": 0.05,
-    "stroke": 0.08,
+    "ms": 0.06, "stroke": 0.08,
 }  # fmt: skip
 
-_GENERATOR_VERSION = 2  # 2: a lesion no longer removes the CSF rim outside the brain
-_STREAM_GEOMETRY, _STREAM_HEAD, _STREAM_LESION, _STREAM_SEQUENCE = 0, 1, 2, 10
+# 2: a lesion no longer removes the CSF rim outside the brain. 3: lesion volumes drawn from
+# the published distributions (brainuad.data.lesion_volumes), WMH periventricular caps and
+# bands with punctate deep lesions, the `ms` kind, small subcortical strokes.
+GENERATOR_VERSION = 3
+_STREAM_GEOMETRY, _STREAM_HEAD, _STREAM_LESION, _STREAM_VOLUME, _STREAM_SEQUENCE = 0, 1, 2, 3, 10
 _EDGE_MM = 1.0  # width of partial-volume ramps at tissue boundaries
 _DISPLACEMENT_CAP = 2.5  # displacement components never exceed 2.5 sigma
 _PAD_BLOCKS = 16  # air around the brain in the 2 mm distance grid (32 mm, > thickest head)
@@ -147,9 +167,18 @@ class _Anatomy:
     signed_distance: np.ndarray  # mm, > 0 outside the brain; padded 2 mm block grid
     centre: np.ndarray  # brain centroid, template world mm
     surface: np.ndarray  # (n, 3) points on the brain surface, template world mm
-    tumour_sites: np.ndarray  # (n, 3) candidate centres, template world mm
-    wmh_sites: np.ndarray
-    stroke_sites: np.ndarray
+    ventricle_distance: np.ndarray  # mm to the lateral ventricles; padded 2 mm block grid
+    ventricle_box: np.ndarray  # (2, 3) world mm corners of the lateral ventricles
+    #: lesion kind or site name -> (n, 3) candidate centres, template world mm
+    sites: dict[str, np.ndarray]
+
+    @property
+    def tumour_sites(self) -> np.ndarray:
+        return self.sites["tumour"]
+
+    @property
+    def stroke_sites(self) -> np.ndarray:
+        return self.sites["stroke"]
 
 
 def _block_mean(array: np.ndarray) -> np.ndarray:
@@ -182,12 +211,21 @@ def _anatomy() -> _Anatomy:
 
     vent = (csf > 0.5) & (sdist < -10) & (np.abs(x) < 30) & (y > -45) & (y < 30)
     vent &= (z > 0) & (z < 35)
-    dist_vent = ndimage.distance_transform_edt(~vent) * 2.0
+    # Distance from the ventricle surface (half a block less than between block centres).
+    dist_vent = np.maximum(ndimage.distance_transform_edt(~vent) * 2.0 - 1.0, 0.0)
+    dist_vent = dist_vent.astype(np.float32)
     lateral_mca = (np.abs(x) > 35) & (y > -45) & (y < 25) & (z > 0) & (z < 45)
+    deep_grey = (np.abs(x) > 12) & (np.abs(x) < 32) & (y > -25) & (y < 22) & (z > -6) & (z < 24)
     sites = {
         "tumour": (wm > 0.85) & (sdist < -15) & (np.abs(x) > 12) & (z > 0),
-        "wmh": (wm > 0.8) & (dist_vent >= 2) & (dist_vent <= 12) & (sdist < -6),
         "stroke": (gm > 0.4) & (sdist > -6) & (sdist < 0) & lateral_mca,
+        # deep white matter beyond the periventricular zone (the "10 mm rule" plus margin)
+        "deep_wm": (wm > 0.8) & (dist_vent >= 13) & (sdist < -8),
+        "periventricular_wm": (wm > 0.6) & (dist_vent >= 1) & (dist_vent <= 6) & (sdist < -8),
+        # white matter at the grey-white junction, just under the cortex
+        "juxtacortical_wm": (wm > 0.5) & (gm > 0.2) & (sdist < -4) & (sdist > -12),
+        # basal ganglia, internal capsule and corona radiata: lacunar and striatocapsular
+        "subcortical": ((wm + gm) > 0.9) & deep_grey & (dist_vent >= 4) & (sdist < -15),
     }
     centre = tpl.affine[:3, :3] @ np.argwhere(tpl.brainmask).mean(0) + tpl.affine[:3, 3]
     surface = world[:, (sdist > -2.0) & (sdist < 0.0)].T.astype(np.float64)
@@ -196,14 +234,15 @@ def _anatomy() -> _Anatomy:
         if mask.sum() < 10:  # pragma: no cover - only with a different template
             raise InputError(f"MNI template: too few candidate {kind} sites ({mask.sum()})")
         found[kind] = world[:, mask].T.astype(np.float64)
+    vent_world = world[:, vent]
     return _Anatomy(
         template=tpl,
         signed_distance=sdist,
         centre=centre,
         surface=surface,
-        tumour_sites=found["tumour"],
-        wmh_sites=found["wmh"],
-        stroke_sites=found["stroke"],
+        ventricle_distance=dist_vent,
+        ventricle_box=np.stack([vent_world.min(1), vent_world.max(1)]).astype(np.float64),
+        sites=found,
     )
 
 
@@ -240,9 +279,9 @@ def _smooth_field(
     return field / max(float(field.std()), 1e-6)
 
 
-def _ramp(z: np.ndarray) -> np.ndarray:
-    """Partial-volume step: 0 for z < -EDGE/2, 1 for z > EDGE/2, linear in between (z in mm)."""
-    return np.clip(z / _EDGE_MM + 0.5, 0.0, 1.0)
+def _ramp(z: np.ndarray, edge_mm: float = _EDGE_MM) -> np.ndarray:
+    """Partial-volume step: 0 for z < -edge/2, 1 for z > edge/2, linear in between (z in mm)."""
+    return np.clip(z / edge_mm + 0.5, 0.0, 1.0)
 
 
 def _rotation(angles_deg: np.ndarray) -> np.ndarray:
@@ -437,16 +476,121 @@ def _ellipsoid_radius(rng: np.random.Generator, rel: np.ndarray, axes_mm: np.nda
     return np.sqrt(sum((local[k] / axes_mm[k]) ** 2 for k in range(3)))
 
 
-def _tumour(rng, coords, grid, anatomy, tissue, noise, radius_range, params):
+# Every lesion is a sub-level set {phi < level} of a field phi in mm (negative inside). The
+# level is fitted so that the lesion has the volume drawn from its dataset's distribution
+# (see _fit_level): shifting it grows or shrinks the whole outline by the same distance, so
+# the shape is kept. A partial-volume ramp of width edge_mm around the level gives the
+# lesion fractions, so edges are soft as in real images.
+
+_SUBCORTICAL_STROKE_ML = 3.0  # ATLAS lesions smaller than this: lacunar/striatocapsular
+#: Partial-volume edge width (mm) per lesion kind: WMH and oedema fade into white matter,
+#: MS plaques and infarcts are sharper.
+LESION_EDGE_MM = {"tumour": 2.5, "wmh": 2.0, "ms": 1.0, "stroke": 1.0}
+
+
+def _fit_level(phi: np.ndarray, eligible: np.ndarray, n_voxels: float) -> float:
+    """The level below which ``round(n_voxels)`` (at least one) eligible voxels of phi lie."""
+    values = phi[eligible]
+    if values.size == 0:
+        return float("-inf")  # nowhere to put the lesion
+    k = int(np.clip(round(n_voxels), 1, values.size)) - 1
+    return float(np.partition(values, k)[k])
+
+
+def _voxel_count(volume_ml: float, grid: _Grid) -> float:
+    return volume_ml * 1000.0 / float(np.prod(grid.voxel_mm))
+
+
+def _sphere_radius(volume_ml: float) -> float:
+    return (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+
+
+def _sample_blocks(field: np.ndarray, tpl_voxel: np.ndarray) -> np.ndarray:
+    """Trilinear sample of a padded 2 mm block-grid field at template voxel coords (3, ...)."""
+    block = [(tpl_voxel[j] - 0.5) / 2.0 + _PAD_BLOCKS for j in range(3)]
+    return ndimage.map_coordinates(field, block, order=1, mode="nearest", output=np.float32)
+
+
+def _template_voxel(anatomy: _Anatomy, world: np.ndarray) -> np.ndarray:
+    """Template voxel coordinates (3, n) of template world points (n, 3)."""
+    inv = np.linalg.inv(anatomy.template.affine)
+    return inv[:3, :3] @ np.atleast_2d(world).T + inv[:3, 3:]
+
+
+def _uphill(anatomy: _Anatomy, field: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Unit vector (world) along which a block-grid ``field`` grows at ``point``."""
+    steps = np.vstack([np.eye(3) * 2.0, -np.eye(3) * 2.0])
+    values = _sample_blocks(field, _template_voxel(anatomy, point + steps))
+    gradient = (values[:3] - values[3:]).astype(np.float64)
+    norm = float(np.linalg.norm(gradient))
+    return gradient / norm if norm > 1e-6 else np.array([0.0, 0.0, 1.0])
+
+
+def _frame(rng: np.random.Generator, direction: np.ndarray | None) -> np.ndarray:
+    """Orthonormal columns; the first along ``direction`` (random if None), the rest random."""
+    frame = _random_rotation(rng)
+    if direction is None:
+        return frame
+    d = direction / np.linalg.norm(direction)
+    u = next(c - (c @ d) * d for c in frame.T if np.linalg.norm(c - (c @ d) * d) > 0.3)
+    u /= np.linalg.norm(u)
+    return np.stack([d, u, np.cross(d, u)], axis=1)
+
+
+def _white_matter_share(tissue: _Tissue, box: tuple[slice, ...]) -> np.ndarray:
+    """How much of each voxel a white-matter lesion may replace: 1 in white matter."""
+    wm = tissue.fractions["wm"][box] / np.maximum(tissue.brain[box], 1e-6)
+    return np.clip((wm - 0.15) / 0.5, 0.0, 1.0)
+
+
+def _parenchyma_share(tissue: _Tissue, box: tuple[slice, ...]) -> np.ndarray:
+    """How much a lesion may replace: parenchyma (GM + WM), not the CSF of sulci/ventricles."""
+    f = tissue.fractions
+    parenchyma = (f["gm"][box] + f["wm"][box]) / np.maximum(tissue.brain[box], 1e-6)
+    return np.clip(2.0 * parenchyma - 0.2, 0.0, 1.0)
+
+
+def _ellipsoid(
+    coords, grid, anatomy, tissue, noise, *, centre, axes, frame, volume_ml, share, edge_mm
+):
+    """One ellipsoidal lesion of ``volume_ml``: its native box and fractions there.
+
+    ``axes`` (mm) are the semi-axes along the columns of ``frame``; the outline is slightly
+    lumpy (smooth ``noise``) and fitted to the volume over voxels that ``share`` allows.
+    """
+    box = _native_box(grid, anatomy, centre, 1.6 * float(axes.max()) + 2.0,
+                      grid.max_displacement_mm)  # fmt: skip
+    rel = _world(coords, anatomy, box) - centre.reshape(3, 1, 1, 1)
+    local = np.einsum("mj,m...->j...", frame, rel)  # frame^T rel
+    rho = np.sqrt(sum((local[k] / axes[k]) ** 2 for k in range(3))) * (1.0 + 0.08 * noise[box])
+    phi = (rho - 1.0) * float(axes.min())
+    allowed = share(tissue, box)
+    eligible = (allowed >= 0.5) & (tissue.brain[box] >= 0.5)
+    level = _fit_level(phi, eligible, _voxel_count(volume_ml, grid))
+    return box, _ramp(level - phi, edge_mm) * allowed
+
+
+def _ovoid_axes(rng: np.random.Generator, volume_ml: float, elongation: tuple[float, float]):
+    """Semi-axes (long, short, short) of an ovoid of ``volume_ml`` and random elongation."""
+    e = rng.uniform(*elongation)
+    return _sphere_radius(volume_ml) * np.array([e ** (2 / 3), e ** (-1 / 3), e ** (-1 / 3)])
+
+
+def _round(values) -> list:
+    return [round(float(v), 2) for v in np.ravel(values)]
+
+
+def _tumour(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params):
+    """BraTS-like glioma: necrotic core in an enhancing rim in oedema that follows WM."""
     centre = anatomy.tumour_sites[rng.integers(len(anatomy.tumour_sites))]
     centre = centre + rng.uniform(-3, 3, 3)
-    r_oedema = rng.uniform(*radius_range)
-    r_enh = r_oedema * rng.uniform(0.5, 0.7)
-    r_nec = r_enh * rng.uniform(0.55, 0.75)
+    enhancing_ratio = rng.uniform(0.5, 0.7)
+    necrosis_ratio = rng.uniform(0.55, 0.75)
     shape = rng.uniform(0.8, 1.2, 3)
     shape /= shape.prod() ** (1 / 3)
     irregularity = rng.uniform(0.10, 0.18)
-    box = _native_box(grid, anatomy, centre, r_oedema * 1.4, grid.max_displacement_mm)
+    reach = 1.7 * _sphere_radius(volume_ml) + 5.0
+    box = _native_box(grid, anatomy, centre, reach, grid.max_displacement_mm)
     rel = _world(coords, anatomy, box) - centre.reshape(3, 1, 1, 1)
     # radius in mm along a lumpy ellipsoid: the noise field makes the outline irregular
     rho = _ellipsoid_radius(rng, rel, shape) * (1.0 + irregularity * noise[box])
@@ -454,46 +598,144 @@ def _tumour(rng, coords, grid, anatomy, tissue, noise, radius_range, params):
     not_wm = np.clip(1.0 - tissue.fractions["wm"][box] / np.maximum(brain, 1e-6), 0, 1)
     # oedema spreads along white matter: its outline shrinks where there is none
     rho_oedema = rho * (1.0 + 0.5 * not_wm)
+    r_oedema = _fit_level(rho_oedema, brain >= 0.5, _voxel_count(volume_ml, grid))
+    r_enh = r_oedema * enhancing_ratio
+    r_nec = r_enh * necrosis_ratio
     q_nec = _ramp(r_nec - rho)
     q_enh = _ramp(r_enh - rho)
-    q_out = np.maximum(_ramp(r_oedema - rho_oedema), q_enh)
+    q_out = np.maximum(_ramp(r_oedema - rho_oedema, edge_mm), q_enh)
     params.update(
-        centre_mm=[round(float(v), 2) for v in centre],
+        centre_mm=_round(centre),
         radius_mm={"oedema": round(r_oedema, 2), "enhancing": round(r_enh, 2),
                    "necrosis": round(r_nec, 2)},
     )  # fmt: skip
     return box, {"necrosis": q_nec, "enhancing": q_enh - q_nec, "oedema": q_out - q_enh}
 
 
-def _wmh(rng, coords, grid, anatomy, tissue, noise, count_range, params):
-    sites = anatomy.wmh_sites
-    n = int(rng.integers(count_range[0], count_range[1] + 1))
-    chosen: list[np.ndarray] = []
-    q_all = np.zeros(grid.shape, dtype=np.float32)
-    radii = []
-    for _ in range(200):
-        if len(chosen) == n:
+def _periventricular(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params):
+    """WMH caps (at the frontal and occipital horns) and bands along the lateral ventricles.
+
+    The lesion is the white matter closest to the ventricles, with the distance shrunk at
+    the horns so that the caps reach further than the bands, and modulated by a smooth
+    noise field so that the outline is irregular; as the volume grows it becomes one
+    confluent lesion that reaches into the deep white matter, as in Fazekas grade 3.
+    Returns the fractions on the full grid and the lesion's reach (mm from the ventricles).
+    """
+    lo, hi = anatomy.ventricle_box
+    margin = min(18.0 + 0.25 * volume_ml, 45.0)
+    box = _native_box(grid, anatomy, (lo + hi) / 2, float(np.linalg.norm(hi - lo)) / 2 + margin,
+                      grid.max_displacement_mm)  # fmt: skip
+    tpl_voxel = coords[(slice(None), *box)]
+    distance = _sample_blocks(anatomy.ventricle_distance, tpl_voxel)
+    y = _world(coords, anatomy, box)[1]
+    cap = rng.uniform(1.5, 3.0)
+    horns = np.exp(-(((y - hi[1]) / 14.0) ** 2)) + np.exp(-(((y - lo[1]) / 14.0) ** 2))
+    phi = distance / (1.0 + cap * horns) * np.clip(1.0 + 0.2 * noise[box], 0.5, None)
+    allowed = _white_matter_share(tissue, box)
+    eligible = (allowed >= 0.5) & (tissue.brain[box] >= 0.5)
+    target = _voxel_count(volume_ml, grid)
+    smallest = max(2.0, _voxel_count(0.01, grid))
+    wanted = target
+    for _ in range(6):  # later passes make up for the fragments that earlier ones dropped
+        level = _fit_level(phi, eligible, wanted)
+        q = _ramp(level - phi, edge_mm) * allowed
+        # keep the parts that touch the ventricles' surroundings and are not specks
+        parts, _ = ndimage.label(q >= 0.5)
+        sizes = np.bincount(parts.ravel())
+        touching = np.unique(parts[(parts > 0) & (distance <= 4.0)])
+        touching = touching[sizes[touching] >= smallest]
+        keep = np.isin(parts, touching)
+        kept = float(keep.sum())
+        q *= ndimage.binary_dilation(keep)
+        if kept >= 0.95 * target:
             break
-        centre = sites[rng.integers(len(sites))] + rng.uniform(-1, 1, 3)
-        axes = rng.uniform(2.0, 5.0, 3)
-        if any(
-            np.linalg.norm(centre - c) < axes.max() + r + 3.0
-            for c, r in zip(chosen, radii, strict=True)
-        ):
-            continue  # keep them apart so each is its own component
-        chosen.append(centre)
-        radii.append(float(axes.max()))
-        box = _native_box(grid, anatomy, centre, axes.max(), grid.max_displacement_mm)
-        rel = _world(coords, anatomy, box) - centre.reshape(3, 1, 1, 1)
-        rho = _ellipsoid_radius(rng, rel, axes) * (1.0 + 0.08 * noise[box])
-        q = _ramp((1.0 - rho) * axes.min())
+        wanted += max(target - kept, 0.25 * target)
+    lesion = q >= 0.5
+    reach = float(distance[lesion].max()) if lesion.any() else 0.0
+    full = np.zeros(grid.shape, dtype=np.float32)
+    full[box] = q
+    params.update(cap_gain=round(float(cap), 3), periventricular_reach_mm=round(reach, 2))
+    return full, reach
+
+
+def _wmh(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params):
+    """WMH-challenge-like load: periventricular caps/bands plus a few punctate deep lesions."""
+    punctate_ml = rng.uniform(0.03, 0.15, int(rng.integers(2, 9)))
+    punctate_ml = punctate_ml[np.cumsum(punctate_ml) <= 0.25 * volume_ml]
+    if punctate_ml.size == 0:
+        punctate_ml = np.array([0.03])
+    q_all, reach = _periventricular(
+        rng, coords, grid, anatomy, tissue, noise, volume_ml - punctate_ml.sum(), edge_mm, params
+    )
+    sites = anatomy.sites["deep_wm"]
+    site_distance = _sample_blocks(anatomy.ventricle_distance, _template_voxel(anatomy, sites))
+    chosen: list[tuple[np.ndarray, float]] = []
+    for ml in punctate_ml:
+        axes = _ovoid_axes(rng, ml, (1.0, 1.6))
+        # beyond the periventricular lesion's reach: punctate lesions stay separate
+        far = np.flatnonzero(site_distance >= max(reach, 10.0) + 4.0 + axes.max())
+        for index in rng.choice(far, size=min(20, far.size), replace=False):
+            centre = sites[index]
+            if all(np.linalg.norm(centre - c) > axes.max() + r + 4.0 for c, r in chosen):
+                break
+        else:
+            continue  # no room left in the deep white matter
+        chosen.append((centre, float(axes.max())))
+        box, q = _ellipsoid(
+            coords, grid, anatomy, tissue, noise, centre=centre, axes=axes,
+            frame=_frame(rng, None), volume_ml=ml, share=_white_matter_share, edge_mm=edge_mm,
+        )  # fmt: skip
         q_all[box] = np.maximum(q_all[box], q)
-    params.update(wmh_centres_mm=[[round(float(v), 2) for v in c] for c in chosen])
-    box = (slice(None),) * 3
-    return box, {"wmh": q_all}
+    params.update(
+        periventricular_ml=round(float(volume_ml - punctate_ml.sum()), 3),
+        punctate_centres_mm=[_round(c) for c, _ in chosen],
+    )
+    return (slice(None),) * 3, {"wmh": q_all}
 
 
-def _stroke(rng, coords, grid, anatomy, tissue, noise, params):
+def _ms(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params):
+    """MSLUB-like plaques: ovoids perpendicular to the ventricles, some juxtacortical."""
+    n = int(rng.integers(6, 21))
+    weights = rng.lognormal(0.0, 0.9, n)
+    places = rng.choice(("periventricular", "juxtacortical", "deep"), size=n, p=(0.45, 0.2, 0.35))
+    q_all = np.zeros(grid.shape, dtype=np.float32)
+    lesions = []
+    for ml, place in zip(volume_ml * weights / weights.sum(), places, strict=True):
+        sites = anatomy.sites["deep_wm" if place == "deep" else f"{place}_wm"]
+        centre = sites[rng.integers(len(sites))] + rng.uniform(-1.0, 1.0, 3)
+        # Dawson's fingers: the long axis points away from the ventricles (along the
+        # medullary veins); juxtacortical plaques point away from the cortex.
+        field = anatomy.signed_distance if place == "juxtacortical" else anatomy.ventricle_distance
+        direction = _uphill(anatomy, field, centre)
+        axes = _ovoid_axes(rng, float(ml), (1.5, 2.5))
+        if place == "periventricular":
+            # the inner tip rests on the ventricle wall; the plaque reaches outwards
+            wall = _sample_blocks(anatomy.ventricle_distance, _template_voxel(anatomy, centre))
+            centre = centre + direction * max(0.0, 0.8 * axes[0] - float(wall[0]))
+        box, q = _ellipsoid(
+            coords, grid, anatomy, tissue, noise, centre=centre, axes=axes,
+            frame=_frame(rng, direction), volume_ml=float(ml), share=_white_matter_share,
+            edge_mm=edge_mm,
+        )  # fmt: skip
+        q_all[box] = np.maximum(q_all[box], q)
+        lesions.append({"place": str(place), "centre_mm": _round(centre),
+                        "axis": _round(direction), "volume_ml": round(float(ml), 3)})  # fmt: skip
+    params.update(plaques=lesions)
+    return (slice(None),) * 3, {"ms": q_all}
+
+
+def _stroke(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params):
+    """ATLAS-like chronic infarct: small subcortical ovoid, or a cortical-subcortical wedge."""
+    if volume_ml < _SUBCORTICAL_STROKE_ML:
+        sites = anatomy.sites["subcortical"]
+        centre = sites[rng.integers(len(sites))]
+        box, q = _ellipsoid(
+            coords, grid, anatomy, tissue, noise, centre=centre,
+            axes=_ovoid_axes(rng, volume_ml, (1.0, 2.0)), frame=_frame(rng, None),
+            volume_ml=volume_ml, share=_parenchyma_share, edge_mm=edge_mm,
+        )  # fmt: skip
+        params.update(territory="subcortical", centre_mm=_round(centre))
+        return box, {"stroke": q}
     cortex = anatomy.stroke_sites[rng.integers(len(anatomy.stroke_sites))]
     side = np.sign(cortex[0])
     deep = np.array([side * rng.uniform(14, 24), rng.uniform(-12, 6), rng.uniform(2, 14)])
@@ -502,27 +744,40 @@ def _stroke(rng, coords, grid, anatomy, tissue, noise, params):
     axis /= length
     start = rng.uniform(0.15, 0.5) * length  # how deep the infarct reaches
     stop = length + 15.0  # beyond the cortex: the brain mask cuts it
-    half_angle = np.deg2rad(rng.uniform(12, 25))
+    # the cone's opening for about the drawn volume (60 % of a frustum up to the surface is
+    # parenchyma); the level fit below makes the volume exact
+    frustum = math.pi / 3.0 * ((length + 5.0) ** 3 - start**3)
+    opening = math.atan(math.sqrt(volume_ml * 1000.0 / (0.6 * frustum)))
+    half_angle = float(np.clip(opening, np.deg2rad(8.0), np.deg2rad(50.0)))
     centre = deep + axis * (start + stop) / 2
-    radius = math.hypot((stop - start) / 2, np.tan(half_angle) * stop)
+    radius = math.hypot((stop - start) / 2, np.tan(half_angle) * stop) + 10.0
     box = _native_box(grid, anatomy, centre, radius, grid.max_displacement_mm)
     rel = _world(coords, anatomy, box) - deep.reshape(3, 1, 1, 1)
     along = np.einsum("j,j...->...", axis, rel)
     across = np.sqrt(np.maximum((rel**2).sum(0) - along**2, 0.0))
     width = np.tan(half_angle) * along * (1.0 + 0.2 * noise[box])
-    q = _ramp(np.minimum(np.minimum(width - across, along - start), stop - along))
+    phi = -np.minimum(np.minimum(width - across, along - start), stop - along)
     # a chronic infarct replaces parenchyma, not the CSF of sulci and ventricles
-    brain = tissue.brain[box]
-    parenchyma = (tissue.fractions["gm"][box] + tissue.fractions["wm"][box]) / np.maximum(
-        brain, 1e-6
-    )
-    q = q * np.clip(2.0 * parenchyma - 0.2, 0.0, 1.0)
+    allowed = _parenchyma_share(tissue, box)
+    eligible = (allowed >= 0.5) & (tissue.brain[box] >= 0.5)
+    level = _fit_level(phi, eligible, _voxel_count(volume_ml, grid))
+    q = _ramp(level - phi, edge_mm) * allowed
     params.update(
-        cortex_mm=[round(float(v), 2) for v in cortex],
-        deep_mm=[round(float(v), 2) for v in deep],
+        territory="cortical-subcortical",
+        cortex_mm=_round(cortex),
+        deep_mm=_round(deep),
         half_angle_deg=round(float(np.rad2deg(half_angle)), 2),
     )
     return box, {"stroke": q}
+
+
+_LESION_MAKERS = {"tumour": _tumour, "wmh": _wmh, "ms": _ms, "stroke": _stroke}
+_LESION_CLASSES = {
+    "tumour": {"necrosis": 1, "oedema": 2, "enhancing": 3},
+    "wmh": {"wmh": 1},
+    "ms": {"ms": 1},
+    "stroke": {"stroke": 1},
+}
 
 
 def _add_lesion(
@@ -532,8 +787,8 @@ def _add_lesion(
     grid: _Grid,
     anatomy: _Anatomy,
     tissue: _Tissue,
-    tumour_radius_mm: tuple[float, float],
-    wmh_count: tuple[int, int],
+    volume_ml: float,
+    edge_mm: float,
     params: dict,
 ) -> np.ndarray:
     """Put lesion fractions into ``tissue`` (replacing healthy brain) and return seg labels."""
@@ -541,18 +796,12 @@ def _add_lesion(
     if kind == "none":
         return seg
     noise = _smooth_field(rng, grid.shape, grid.voxel_mm, 8.0)
-    if kind == "tumour":
-        box, classes = _tumour(rng, coords, grid, anatomy, tissue, noise, tumour_radius_mm, params)
-        labels = {"necrosis": 1, "oedema": 2, "enhancing": 3}
-    elif kind == "wmh":
-        box, classes = _wmh(rng, coords, grid, anatomy, tissue, noise, wmh_count, params)
-        labels = {"wmh": 1}
-    else:
-        box, classes = _stroke(rng, coords, grid, anatomy, tissue, noise, params)
-        labels = {"stroke": 1}
+    make = _LESION_MAKERS[kind]
+    box, classes = make(rng, coords, grid, anatomy, tissue, noise, volume_ml, edge_mm, params)
+    labels = _LESION_CLASSES[kind]
     brain = tissue.brain[box]
     total = np.clip(sum(classes.values()), 0.0, 1.0)
-    if kind != "wmh":
+    if kind in ("tumour", "stroke"):
         # One lesion: drop the fragments that its irregular outline cut off.
         parts, n_parts = ndimage.label((total >= 0.5) & (brain >= 0.5))
         if n_parts > 1:
@@ -653,24 +902,34 @@ def generate_subject(
     deformation_mm: float = 3.0,
     bias_strength: float = 0.3,
     noise_fraction: float = 0.03,
-    tumour_radius_mm: tuple[float, float] = (15.0, 25.0),
-    wmh_count: tuple[int, int] = (5, 15),
+    lesion_volume_ml: Sequence[float] | None = None,
+    lesion_edge_mm: float | None = None,
+    lesion_volume_quantile: float | None = None,
 ) -> SyntheticSubject:
     """Generate one synthetic subject, fully determined by ``seed`` (see module docstring).
 
     Args:
         seed: non-negative integer; use :func:`subject_seed` to derive one per subject.
         lesion: one of ``LESION_KINDS``: ``"none"`` (healthy, all-zero seg), ``"tumour"``
-            (BraTS-like: necrotic core 1, oedema 2, enhancing rim 3), ``"wmh"`` (5-15 small
-            periventricular white-matter hyperintensities, label 1) or ``"stroke"``
-            (ATLAS-like chronic cortical-subcortical infarct wedge, label 1).
+            (BraTS-like glioma: necrotic core 1, oedema 2, enhancing rim 3), ``"wmh"``
+            (WMH-challenge-like periventricular caps and bands plus punctate deep
+            hyperintensities, label 1), ``"ms"`` (MSLUB-like ovoid plaques perpendicular to
+            the ventricles, some juxtacortical, label 1) or ``"stroke"`` (ATLAS-like chronic
+            infarct: a small subcortical ovoid or a cortical-subcortical wedge, label 1).
         sequences: which of ``SEQUENCES`` to synthesise.
         voxel_size_range: low and high voxel edge (mm), drawn independently per axis.
         deformation_mm: root-mean-square magnitude of the smooth non-linear displacement.
         bias_strength: the bias field is ``exp(bias_strength * b)`` with ``|b| <= 1``.
         noise_fraction: Rician noise sigma relative to the brightest brain-tissue mean.
-        tumour_radius_mm: range of the outer (oedema) radius of a tumour.
-        wmh_count: inclusive range of the number of hyperintensities for ``"wmh"``.
+        lesion_volume_ml: ``(q1, median, q3)`` in ml of the total lesion volume per
+            subject; the volume is drawn from a split log-normal with these quartiles
+            (:func:`brainuad.data.lesion_volumes.draw_lesion_volume`). None: the published
+            values of the imitated dataset (``PUBLISHED_VOLUMES[lesion]``).
+        lesion_edge_mm: width of the lesion's partial-volume edge; None: ``LESION_EDGE_MM``.
+        lesion_volume_quantile: where in the volume distribution this subject lies, in
+            (0, 1); the workflow stratifies a cohort with
+            :func:`brainuad.data.lesion_volumes.cohort_quantiles`. None: an independent
+            draw seeded by ``seed``.
 
     Returns:
         The subject: head images, lesion labels, brain mask, tissue labels and metadata.
@@ -681,12 +940,22 @@ def generate_subject(
     sequences = _check_args(
         seed, lesion, sequences, voxel_size_range, deformation_mm, bias_strength, noise_fraction
     )
-    if not 2.0 <= tumour_radius_mm[0] <= tumour_radius_mm[1] <= 40.0:
-        raise InputError(
-            f"tumour_radius_mm: expected 2 <= low <= high <= 40, got {tumour_radius_mm!r}"
+    volume_ml = edge_mm = 0.0
+    if lesion != "none":
+        published = PUBLISHED_VOLUMES[lesion]
+        quartiles = check_quartiles(
+            published.quartiles if lesion_volume_ml is None else lesion_volume_ml,
+            "lesion_volume_ml",
         )
-    if not 1 <= wmh_count[0] <= wmh_count[1] <= 40:
-        raise InputError(f"wmh_count: expected 1 <= low <= high <= 40, got {wmh_count!r}")
+        edge_mm = LESION_EDGE_MM[lesion] if lesion_edge_mm is None else float(lesion_edge_mm)
+        if not 0.5 <= edge_mm <= 5.0:
+            raise InputError(f"lesion_edge_mm: expected 0.5 to 5 mm, got {lesion_edge_mm!r}")
+        bounds = (min(published.low_ml, quartiles[0]), max(published.high_ml, quartiles[2]))
+        if lesion_volume_quantile is None:
+            volume_rng = np.random.default_rng([int(seed), _STREAM_VOLUME])
+            volume_ml = draw_lesion_volume(volume_rng, quartiles, bounds)
+        else:
+            volume_ml = lesion_volume_at(float(lesion_volume_quantile), quartiles, bounds)
     seed = int(seed)
     anatomy = _anatomy()
     params: dict = {}
@@ -715,10 +984,11 @@ def generate_subject(
 
     lesion_rng = np.random.default_rng([seed, _STREAM_LESION])
     lesion_params: dict = {}
+    if lesion != "none":
+        lesion_params.update(drawn_volume_ml=round(volume_ml, 4), edge_mm=edge_mm)
     seg = _add_lesion(
-        lesion, lesion_rng, coords, grid, anatomy, tissue, tumour_radius_mm, wmh_count,
-        lesion_params,
-    )  # fmt: skip
+        lesion, lesion_rng, coords, grid, anatomy, tissue, volume_ml, edge_mm, lesion_params
+    )
     del coords
 
     images = {}
@@ -756,7 +1026,7 @@ def generate_subject(
     n_components = int(ndimage.label(seg > 0)[1]) if lesion != "none" else 0
     metadata = {
         "generator": "brainuad.data.synthetic",
-        "generator_version": _GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "template": "MNI ICBM152 2009a nonlinear symmetric (nilearn package data)",
         "seed": seed,
         "lesion": lesion,
