@@ -25,6 +25,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/subjects.smk"
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/slices.smk"
