@@ -18,6 +18,8 @@ with rule_logging(snakemake.log[0]) as log:
         sequences=params.sequences,
         size=params.size,
         min_brain_fraction=params.min_brain_fraction,
+        lesion_labels=params.labels["lesion"],
+        ignore_labels=params.labels["ignore"],
         attrs={
             "dataset": dataset,
             "preprocess": params.preprocess,
