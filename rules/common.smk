@@ -6,6 +6,7 @@ from brainuad.config import check_config
 from brainuad.data.datasets import (
     check_datasets,
     dataset_labels,
+    dataset_path,
     dataset_preprocess,
     dataset_sequences,
     dataset_slice_sequences,
@@ -88,8 +89,10 @@ def synthetic_lesion(wildcards):
 
 
 def dataset_spec(wildcards):
-    """The dataset's config entry: what the subject_sheet rule discovers from."""
-    return config["datasets"][wildcards.dataset]
+    """The dataset's config entry, its folder resolved: what subject_sheet discovers from."""
+    spec = dict(config["datasets"][wildcards.dataset])
+    spec["path"] = dataset_path(config, wildcards.dataset)
+    return spec
 
 
 def dataset_sequences_of_wildcard(wildcards):
@@ -171,9 +174,9 @@ def preprocess_params(wildcards):
 
 
 def preprocess_groups():
-    """(rule name, sequences, datasets): one preprocessing rule per set of sequences, since
-    a rule's outputs cannot depend on the dataset. Datasets preprocessed in the study's
-    sequences share `preprocess_subject`; others get `preprocess_subject_<sequences>`.
+    """(name, sequences, datasets) of each preprocessing job kind, one per set of
+    sequences, since the outputs of a rule cannot depend on the dataset. Datasets in the
+    study's sequences share `preprocess_subject`; others get `preprocess_subject_<seqs>`.
     """
     reference = config["preprocess"].get("reference_sequence", "t1")
     study = [reference, *(s for s in SEQUENCES if s != reference)]

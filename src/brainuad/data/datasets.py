@@ -8,6 +8,7 @@ The sequences default to the study's sequences that the download has.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from brainuad.config import ConfigError
@@ -22,6 +23,14 @@ def adapter_of(config: dict[str, Any], dataset: str) -> Adapter | None:
     """The adapter of ``dataset``, None for the synthetic cohort."""
     source = config["datasets"][dataset]["source"]
     return None if source == "synthetic" else ADAPTERS[source]
+
+
+def dataset_path(config: dict[str, Any], dataset: str) -> str | None:
+    """The dataset's folder: its ``path``, resolved against ``data_dir`` when relative."""
+    path = config["datasets"][dataset].get("path")
+    if path is None or os.path.isabs(path) or not config.get("data_dir"):
+        return path
+    return os.path.join(config["data_dir"], path)
 
 
 def dataset_preprocess(config: dict[str, Any], dataset: str) -> dict[str, Any]:
