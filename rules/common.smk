@@ -4,7 +4,6 @@ from snakemake.utils import validate
 
 from brainuad.config import check_config
 from brainuad.data.datasets import (
-    check_datasets,
     dataset_labels,
     dataset_path,
     dataset_preprocess,
@@ -16,7 +15,6 @@ from brainuad.data.sheet import read_sheet, sheet_labels, subject_files
 
 validate(config, "../config/schema.yaml")
 check_config(config)
-check_datasets(config)
 
 
 DATASETS = list(config["datasets"])
