@@ -1,7 +1,8 @@
 """Every adapter through the real workflow: sheet -> preprocessing -> slices -> splits.
 
 One Snakemake invocation builds the data targets of five datasets written in their real
-download layouts (brainuad.data.layout_fixtures, 2-3 subjects each, tiny grids).
+download layouts (brainuad.data.layout_fixtures; 2 subjects per lesion cohort, 3 healthy
+IXI subjects for the 2-fold splits plus one without T2, which is skipped; tiny output grids).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Complet
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("datasets_study")
     for source, write in WRITERS.items():
-        write(base / "data" / source, n_subjects=3 if source == "ixi" else 2, seed=2)
+        write(base / "data" / source, n_subjects=4 if source == "ixi" else 2, seed=2)
     configfile = base / "config.yaml"
     configfile.write_text(yaml.safe_dump(study_config(base / "data")))
     targets = [
@@ -75,9 +76,9 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_sheets_list_subjects_and_skipped_ones(study: Path) -> None:
     ixi = pd.read_csv(study / "results" / "subjects" / "ixi.tsv", sep="\t")
-    assert ixi["subject"].tolist() == ["sub-IXI012", "sub-IXI013"]
+    assert ixi["subject"].tolist() == ["sub-IXI012", "sub-IXI013", "sub-IXI014"]
     log = (study / "logs" / "subject_sheet" / "ixi.log").read_text()
-    assert "skipped IXI014: no t2 image" in log
+    assert "skipped IXI015: no t2 image" in log
     atlas = pd.read_csv(study / "results" / "subjects" / "atlas.tsv", sep="\t")
     assert atlas["subject"].tolist() == ["sub-r001s001", "sub-r001s002"]
 
@@ -86,10 +87,11 @@ def test_sheets_list_subjects_and_skipped_ones(study: Path) -> None:
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_each_dataset_reaches_slices_and_splits(study: Path, dataset: str) -> None:
     channels = DATASETS[dataset][3]
+    n_subjects = 3 if dataset == "ixi" else 2
     with h5py.File(study / "results" / "slices" / f"{dataset}.h5") as f:
         assert json.loads(f.attrs["sequences"]) == channels
         assert f["images"].shape[1:] == (len(channels), 32, 32)
-        assert len(set(f["subject"].asstr()[:])) == 2
+        assert len(set(f["subject"].asstr()[:])) == n_subjects
         seg = f["seg"][:]
         if dataset != "ixi":
             assert f["label"][:].any(), "lesion slices expected"
@@ -102,7 +104,7 @@ def test_each_dataset_reaches_slices_and_splits(study: Path, dataset: str) -> No
         if dataset == "wmh":
             assert f["ignore"][:].any()
     splits = pd.read_csv(study / "results" / "splits" / f"{dataset}.csv")
-    assert splits["subject"].nunique() == 2
+    assert splits["subject"].nunique() == n_subjects
     assert not splits.groupby(["fold", "subject"]).size().gt(1).any()
     preprocessed = {p.name for p in (study / "results" / "preprocessed" / dataset).glob("*/*")}
     assert {f"{s}.nii.gz" for s in DATASETS[dataset][2].get("sequences", channels)} <= preprocessed
