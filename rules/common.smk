@@ -87,10 +87,15 @@ def synthetic_lesion(wildcards):
 
 
 def dataset_spec(wildcards):
-    """The dataset's config entry, its folder resolved: what subject_sheet discovers from."""
-    spec = dict(config["datasets"][wildcards.dataset])
-    spec["path"] = dataset_path(config, wildcards.dataset)
-    return spec
+    """What the subject sheet is discovered from (only that, so that changing e.g. the
+    dataset's preprocessing does not rewrite its sheet): source, folder, size, lesion."""
+    spec = config["datasets"][wildcards.dataset]
+    return {
+        "source": spec["source"],
+        "path": dataset_path(config, wildcards.dataset),
+        "n_subjects": spec.get("n_subjects"),
+        "lesion": spec["lesion"],
+    }
 
 
 def dataset_sequences_of_wildcard(wildcards):
