@@ -26,6 +26,7 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/common_synthetic.smk"
+include: "rules/subjects.smk"
 include: "rules/data.smk"
 include: "rules/synthetic.smk"
 include: "rules/preprocess.smk"

@@ -5,6 +5,16 @@ from brainuad.config_checks import check_study_config
 from brainuad.methods import method_class
 from brainuad.methods.base import FINAL_STAGE
 
+from brainuad.data.datasets import (
+    dataset_labels,
+    dataset_path,
+    dataset_preprocess,
+    dataset_sequences,
+    dataset_slice_sequences,
+    preprocess_arguments,
+)
+from brainuad.data.sheet import read_sheet, sheet_labels, subject_files
+
 # Schema (with defaults), cross-checks, methods, crop box, paths: one line per problem, so
 # `snakemake -n` fails before any job runs (brainuad.config_checks).
 check_study_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
@@ -14,6 +24,12 @@ DATASETS = list(config["datasets"])
 HEALTHY_DATASET = config["healthy_dataset"]
 LESION_DATASETS = [d for d in DATASETS if config["datasets"][d]["lesion"] != "none"]
 SEQUENCES = config["preprocess"]["sequences"]
+SYNTHETIC_DATASETS = [
+    d for d in DATASETS if config["datasets"][d]["source"] == "synthetic"
+]
+# Every sequence some dataset is preprocessed in (each dataset carries only its own).
+ALL_SEQUENCES = sorted({s for d in DATASETS for s in dataset_sequences(config, d)})
+SUBJECTS_SCHEMA = os.path.join(workflow.basedir, "config", "subjects.schema.yaml")
 # Study names of the configured methods (the {method} wildcard); each names its registered
 # implementation with `method:` (default: the study name itself).
 METHODS = list(config["methods"])
@@ -47,7 +63,7 @@ wildcard_constraints:
     fold=r"\d+",
     split="val|test",
     subject=r"sub-[A-Za-z0-9]+",
-    sequence="|".join(SEQUENCES),
+    sequence="|".join(ALL_SEQUENCES),
     # Stages before the final one ("model"); a pattern that matches nothing when none.
     stage="|".join(EARLIER_STAGES) or "(?!)",
 
@@ -63,10 +79,24 @@ def runtime_per_attempt(minutes):
     return runtime
 
 
+_SHEETS = {}
+
+
+def sheet_of(dataset):
+    """{subject: {column: path}} from the dataset's subject sheet (a checkpoint output),
+    validated against config/subjects.schema.yaml; read once per version of the file."""
+    path = checkpoints.subject_sheet.get(dataset=dataset).output[0]
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _SHEETS:
+        table = read_sheet(path)
+        validate(table, SUBJECTS_SCHEMA)
+        _SHEETS[key] = {s: subject_files(table, s) for s in table["subject"]}
+    return _SHEETS[key]
+
+
 def subjects_of(dataset):
-    """Subject identifiers of ``dataset``, known from the config (no checkpoint needed)."""
-    spec = config["datasets"][dataset]
-    return synthetic_subjects(spec["n_subjects"])
+    """Subject identifiers of ``dataset``, from its subject sheet."""
+    return sorted(sheet_of(dataset))
 
 
 def subjects_of_wildcard(wildcards):
@@ -84,21 +114,82 @@ def synthetic_lesion(wildcards):
     return config["datasets"][wildcards.dataset]["lesion"]
 
 
-def standard_images(wildcards):
+def dataset_spec(wildcards):
+    """What the subject sheet is discovered from (only that, so that changing e.g. the
+    dataset's preprocessing does not rewrite its sheet): source, folder, size, lesion.
+    """
+    spec = config["datasets"][wildcards.dataset]
     return {
-        sequence: f"results/standard/{wildcards.dataset}/{wildcards.subject}/{sequence}.nii.gz"
-        for sequence in SEQUENCES
+        "source": spec["source"],
+        "path": dataset_path(config, wildcards.dataset),
+        "n_subjects": spec.get("n_subjects"),
+        "lesion": spec["lesion"],
     }
+
+
+def dataset_sequences_of_wildcard(wildcards):
+    return dataset_sequences(config, wildcards.dataset)
+
+
+def dataset_same_grid(wildcards):
+    """False where preprocessing co-registers the sequences (IXI's T1 and T2 differ)."""
+    settings = dataset_preprocess(config, wildcards.dataset)
+    return not settings.get("coregister_sequences", False)
+
+
+def synthetic_file_pattern(wildcards):
+    """Where generate_synthetic_subject writes a synthetic subject's files."""
+    return f"results/standard/{wildcards.dataset}/{{subject}}/{{name}}.nii.gz"
+
+
+def template_files():
+    """Registration target: preprocess.template (a user's template and its brain mask),
+    or MNI152 2009a from nilearn (the template_files rule)."""
+    template = config["preprocess"].get("template")
+    if template:
+        return {
+            "template_t1": template["t1"],
+            "template_brainmask": template["brainmask"],
+        }
+    return {
+        "template_t1": "results/template/mni152_t1.nii.gz",
+        "template_brainmask": "results/template/mni152_brainmask.nii.gz",
+    }
+
+
+def standard_images(wildcards):
+    """The subject's files the preprocessing reads, from the sheet: the dataset's sequences,
+    and its lesion labels and true brain mask where it has them."""
+    files = sheet_of(wildcards.dataset)[wildcards.subject]
+    wanted = [*dataset_sequences(config, wildcards.dataset), "seg", "brainmask_truth"]
+    return {name: files[name] for name in wanted if name in files}
+
+
+def preprocess_inputs(wildcards):
+    return {**standard_images(wildcards), **template_files()}
 
 
 def slices_inputs(wildcards):
     """Preprocessed files keyed '<subject>__<name>', so the script reads paths from the DAG."""
-    names = config["slices"]["sequences"] + ["brainmask", "seg"]
+    names = dataset_slice_sequences(config, wildcards.dataset) + ["brainmask", "seg"]
     return {
         f"{subject}__{name}": f"results/preprocessed/{wildcards.dataset}/{subject}/{name}.nii.gz"
         for subject in subjects_of(wildcards.dataset)
         for name in names
     }
+
+
+def slice_sequences_of_wildcard(wildcards):
+    return dataset_slice_sequences(config, wildcards.dataset)
+
+
+def dataset_preprocess_of_wildcard(wildcards):
+    return dataset_preprocess(config, wildcards.dataset)
+
+
+def dataset_labels_of_wildcard(wildcards):
+    """{'lesion': [...], 'ignore': [...]} label values of the dataset's segmentations."""
+    return sheet_labels(dataset_labels(config, wildcards.dataset))
 
 
 def qc_records(wildcards):
@@ -110,12 +201,33 @@ def qc_records(wildcards):
 
 
 def preprocess_params(wildcards):
-    """Keyword arguments of brainuad.preprocess.preprocess_subject from the config (with the
+    """Keyword arguments of brainuad.preprocess.preprocess_subject for the dataset (with the
     study seed, which seeds ANTs and deepbet)."""
-    params = dict(config["preprocess"])
-    params.pop("sequences")
-    params["seed"] = config["seed"]
-    return params
+    return preprocess_arguments(config, wildcards.dataset) | {"seed": config["seed"]}
+
+
+def preprocess_groups():
+    """(name, sequences, datasets) of each preprocessing job kind, one per set of
+    sequences, since the outputs of a rule cannot depend on the dataset. Datasets in the
+    study's sequences share `preprocess_subject`; others get `preprocess_subject_<seqs>`.
+    """
+    reference = config["preprocess"].get("reference_sequence", "t1")
+    study = [reference, *(s for s in SEQUENCES if s != reference)]
+    groups = {}
+    for dataset in DATASETS:
+        groups.setdefault(tuple(dataset_sequences(config, dataset)), []).append(dataset)
+    return [
+        (
+            (
+                "preprocess_subject"
+                if list(sequences) == study
+                else "preprocess_subject_" + "_".join(sequences)
+            ),
+            list(sequences),
+            datasets,
+        )
+        for sequences, datasets in groups.items()
+    ]
 
 
 # ---- training and evaluation ------------------------------------------------------------

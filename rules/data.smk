@@ -1,5 +1,6 @@
-# Ingest: datasets into the standard per-subject layout. So far the embedded synthetic
-# cohort; real-dataset adapters (IXI, BraTS21, ...) will write the same layout.
+# Ingest. Real datasets are read where they were downloaded (their subject sheets point
+# at the files, see rules/subjects.smk); the embedded synthetic cohort is generated into
+# the standard per-subject layout, which its sheet points at.
 
 
 rule template_files:
@@ -27,6 +28,8 @@ rule generate_synthetic_subject:
         "logs/generate_synthetic_subject/{dataset}/{subject}.log",
     benchmark:
         "benchmarks/generate_synthetic_subject/{dataset}/{subject}.tsv"
+    wildcard_constraints:
+        dataset="|".join(SYNTHETIC_DATASETS) or "(?!)",
     conda:
         "../envs/preprocessing.yaml"
     params:

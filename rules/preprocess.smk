@@ -1,38 +1,40 @@
-# Preprocess each subject: RAS, resample, N4, skull-strip, register to MNI152,
+# Preprocess each subject: RAS, resample, N4, skull-strip, register to the template,
 # normalise, crop; QC png and record. Then a QC table per dataset.
+# One rule per set of sequences (see preprocess_groups): a dataset carries only its own.
 
+for preprocess_rule, preprocess_sequences, preprocess_datasets in preprocess_groups():
 
-rule preprocess_subject:
-    input:
-        unpack(standard_images),
-        seg="results/standard/{dataset}/{subject}/seg.nii.gz",
-        truth_brainmask="results/standard/{dataset}/{subject}/brainmask_truth.nii.gz",
-        template_t1="results/template/mni152_t1.nii.gz",
-        template_brainmask="results/template/mni152_brainmask.nii.gz",
-    output:
-        images=expand(
-            "results/preprocessed/{{dataset}}/{{subject}}/{sequence}.nii.gz",
-            sequence=SEQUENCES,
-        ),
-        brainmask="results/preprocessed/{dataset}/{subject}/brainmask.nii.gz",
-        seg="results/preprocessed/{dataset}/{subject}/seg.nii.gz",
-        qc_png="results/preprocessed/{dataset}/{subject}/qc.png",
-        qc_json="results/preprocessed/{dataset}/{subject}/qc.json",
-    log:
-        "logs/preprocess_subject/{dataset}/{subject}.log",
-    benchmark:
-        "benchmarks/preprocess_subject/{dataset}/{subject}.tsv"
-    conda:
-        "../envs/preprocessing.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=runtime_per_attempt(30),
-    params:
-        sequences=SEQUENCES,
-        options=preprocess_params,
-    script:
-        "../workflow_scripts/preprocess_subject.py"
+    rule:
+        name:
+            preprocess_rule
+        input:
+            unpack(preprocess_inputs),
+        output:
+            images=expand(
+                "results/preprocessed/{{dataset}}/{{subject}}/{sequence}.nii.gz",
+                sequence=preprocess_sequences,
+            ),
+            brainmask="results/preprocessed/{dataset}/{subject}/brainmask.nii.gz",
+            seg="results/preprocessed/{dataset}/{subject}/seg.nii.gz",
+            qc_png="results/preprocessed/{dataset}/{subject}/qc.png",
+            qc_json="results/preprocessed/{dataset}/{subject}/qc.json",
+        log:
+            "logs/preprocess_subject/{dataset}/{subject}.log",
+        benchmark:
+            "benchmarks/preprocess_subject/{dataset}/{subject}.tsv"
+        wildcard_constraints:
+            dataset="|".join(preprocess_datasets),
+        conda:
+            "../envs/preprocessing.yaml"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=runtime_per_attempt(30),
+        params:
+            sequences=preprocess_sequences,
+            options=preprocess_params,
+        script:
+            "../workflow_scripts/preprocess_subject.py"
 
 
 rule qc_table:

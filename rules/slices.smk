@@ -4,6 +4,7 @@
 rule extract_slices:
     input:
         unpack(slices_inputs),
+        sheet="results/subjects/{dataset}.tsv",
     output:
         "results/slices/{dataset}.h5",
     log:
@@ -17,16 +18,19 @@ rule extract_slices:
         mem_mb=4000,
     params:
         subjects=subjects_of_wildcard,
-        sequences=config["slices"]["sequences"],
+        sequences=slice_sequences_of_wildcard,
         size=config["slices"]["size"],
         min_brain_fraction=config["slices"].get("min_brain_fraction", 0.25),
         min_lesion_pixels=config["slices"].get("min_lesion_pixels", 1),
-        preprocess=config["preprocess"],
+        preprocess=dataset_preprocess_of_wildcard,
+        labels=dataset_labels_of_wildcard,
     script:
         "../workflow_scripts/extract_slices.py"
 
 
 rule make_splits:
+    input:
+        sheet="results/subjects/{dataset}.tsv",
     output:
         "results/splits/{dataset}.csv",
     log:

@@ -19,6 +19,8 @@ with rule_logging(snakemake.log[0]) as log:
         size=params.size,
         min_brain_fraction=params.min_brain_fraction,
         min_lesion_pixels=params.min_lesion_pixels,
+        lesion_labels=params.labels["lesion"],
+        ignore_labels=params.labels["ignore"],
         attrs={
             "dataset": dataset,
             "preprocess": params.preprocess,

@@ -14,8 +14,8 @@ with rule_logging(snakemake.log[0], threads=snakemake.threads) as log:
     }
     record = preprocess_subject(
         images={sequence: snakemake.input[sequence] for sequence in sequences},
-        seg=snakemake.input.seg,
-        truth_brainmask=snakemake.input.truth_brainmask,
+        seg=snakemake.input.get("seg"),
+        truth_brainmask=snakemake.input.get("brainmask_truth"),
         template_t1=snakemake.input.template_t1,
         template_brainmask=snakemake.input.template_brainmask,
         out_images=dict(zip(sequences, snakemake.output.images, strict=True)),

@@ -49,6 +49,10 @@ def check_config(config: dict[str, Any]) -> None:
                 f"add it to preprocess.sequences {sequences}"
             )
     check_methods(config)
+    # Per-dataset settings: sources, folders, sequences, skull-strippers (adapter defaults).
+    from brainuad.data.datasets import check_datasets  # imports this module
+
+    check_datasets(config)
     protocol = config["evaluation"].get("default_protocol", "healthy_fpr_5")
     valid = calibration_protocols(config)
     if protocol not in valid:

@@ -30,7 +30,8 @@ class SubjectVolume:
     Attributes:
         subject: subject identifier.
         anomaly_map: float32 ``[S, H, W]``, the raw anomaly map.
-        brainmask: bool ``[S, H, W]``.
+        brainmask: bool ``[S, H, W]``, the scored voxels: the brain less any ``ignore``
+            voxels of the slice file (WMH 2017 label 2).
         seg: bool ``[S, H, W]``, the binary lesion mask (``seg > 0``).
         slice_index: int ``[S]``, consecutive axial indices.
         rows: int64 ``[S]``, row in the slice file (-1 where the slice is missing).
@@ -150,6 +151,9 @@ def _assemble(
         out[at] = values
         return out
 
+    brain = data["brainmask"] > 0
+    if "ignore" in data:  # voxels of an ignore label (WMH's "other pathology") are not scored
+        brain &= data["ignore"] == 0
     full_rows = np.full(depth, -1, dtype=np.int64)
     full_rows[at] = rows
     present = np.zeros(depth, dtype=bool)
@@ -157,7 +161,7 @@ def _assemble(
     return SubjectVolume(
         subject=subject,
         anomaly_map=stack(amap, np.float32),
-        brainmask=stack(data["brainmask"] > 0, bool),
+        brainmask=stack(brain, bool),
         seg=stack(data["seg"] > 0, bool),
         slice_index=np.arange(lo, hi + 1, dtype=np.int64),
         rows=full_rows,

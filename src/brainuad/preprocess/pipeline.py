@@ -9,13 +9,18 @@ Order, and why:
    for the subject-space QC Dice);
 3. N4 on each head, fitted inside an Otsu head mask: both stripping methods work better on
    flat intensities, and the field is smooth enough to fit across the whole head;
+   with ``coregister_sequences`` (IXI, whose T1 and T2 were acquired on different grids),
+   each other sequence is then rigidly registered onto the reference's grid;
 4. skull-strip the reference sequence (all sequences share its grid, so one mask serves all);
+   ``none`` for downloads stripped already (BraTS): the brain is the non-zero voxels;
 5. register the stripped reference brain to the template *brain* (as the references do):
    with the skull gone, the metric matches like with like, which a head-to-brain
    registration cannot; then every volume goes through the same transform, straight onto
    the output grid (one interpolation, no separate crop of the data). The transform acts
    in physical space, so the lesion labels go from their own (reoriented) grid to the
-   output grid in a single ``genericLabel`` step;
+   output grid in a single ``genericLabel`` step. With ``register=False`` (downloads in the
+   template's space already, e.g. ATLAS in MNI152) the transform is the identity: the
+   volumes are only resampled onto the output grid;
 6. normalise each sequence to [0, 1] by percentiles inside the registered brain mask;
 7. the output grid is the template resampled to ``resolution_mm`` and cropped/padded to
    ``crop_shape`` around the centre of the template brain's bounding box, so every subject
@@ -45,10 +50,12 @@ from brainuad.preprocess.crop import brain_box_centre, crop_or_pad
 from brainuad.preprocess.normalise import percentile_normalise
 from brainuad.preprocess.orientation import reorient_to_ras
 from brainuad.preprocess.qc import write_qc_png
-from brainuad.preprocess.register import ants_random_seed, register
+from brainuad.preprocess.register import ants_random_seed, identity
+from brainuad.preprocess.register import register as register_images
 from brainuad.preprocess.resample import resample_to_isotropic
 from brainuad.preprocess.skullstrip import SKULLSTRIP_METHODS, skull_strip
 from brainuad.preprocess.skullstrip_deepbet import DEEPBET_GRIDS
+from brainuad.preprocess.skullstrip_hdbet import check_hdbet
 from brainuad.provenance import seed_everything
 
 STEP_ORDER = (
@@ -126,6 +133,9 @@ def preprocess_subject(
     deepbet_threshold: float = 0.5,
     normalise_percentiles: tuple[float, float] = (1.0, 99.0),
     crop_shape: tuple[int, int, int] = (160, 192, 160),
+    register: bool = True,
+    coregister_sequences: bool = False,
+    hdbet_weights: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Preprocess one subject's sequences onto the shared template grid.
@@ -143,10 +153,15 @@ def preprocess_subject(
         resolution_mm: isotropic voxel edge of the output (and of the intermediate steps).
         n4_shrink_factor, n4_iterations: N4 settings (the references use 4 x 200 iterations).
         registration_type: ``ants.registration`` type to the template ("Affine" by default).
-        skullstrip_method: "deepbet" or "template".
+        skullstrip_method: "deepbet", "hdbet" (needs ``hdbet_weights``), "template", or
+            "none" (already stripped: the brain is the reference's non-zero voxels).
         deepbet_threshold: brain probability threshold of deepbet.
         normalise_percentiles: brain percentiles mapped to 0 and 1.
         crop_shape: output box in voxels of ``resolution_mm``, centred on the template brain.
+        register: False when the images are in the template's space already (identity).
+        coregister_sequences: rigidly register each sequence onto the reference sequence
+            (their grids may then differ; the labels must be on the reference's grid).
+        hdbet_weights: folder of the HD-BET model files, for ``skullstrip_method="hdbet"``.
         seed: the study seed; seeds Python, NumPy and torch (deepbet) and, through
             :func:`~brainuad.preprocess.register.ants_random_seed`, every ANTs registration
             (ANTs seeds 0 from the clock, which made two runs differ).
@@ -177,6 +192,8 @@ def preprocess_subject(
         raise InputError(
             f"skullstrip_method: '{skullstrip_method}' is not one of {SKULLSTRIP_METHODS}"
         )
+    if skullstrip_method == "hdbet":
+        check_hdbet(hdbet_weights)
     timer = _StepTimer()
     reference_path = Path(images[reference_sequence])
     seed_everything(seed)
@@ -184,10 +201,11 @@ def preprocess_subject(
 
     with timer.step("load"):
         reference = load_nifti(reference_path)
-        others = _load_checked(
-            {k: Path(v) for k, v in images.items() if k != reference_sequence},
-            reference_path,
-            reference,
+        other_paths = {k: Path(v) for k, v in images.items() if k != reference_sequence}
+        others = (
+            {k: load_nifti(v) for k, v in other_paths.items()}
+            if coregister_sequences
+            else _load_checked(other_paths, reference_path, reference)
         )
         raw = {k: reference if k == reference_sequence else others[k] for k in images}
         labels_raw = _load_checked(
@@ -231,17 +249,41 @@ def preprocess_subject(
             except ValueError as err:
                 raise InputError(f"{images[name]}: bias correction failed: {err}") from err
 
+    if coregister_sequences:
+        with timer.step("coregister"):
+            fixed = heads[reference_sequence]
+            for name in heads:
+                if name != reference_sequence:
+                    with register_images(fixed, heads[name], type_of_transform="Rigid") as reg:
+                        heads[name] = reg.to_fixed(heads[name], "linear")
+
     with timer.step("skullstrip"):
         try:
-            mask = skull_strip(
-                heads[reference_sequence],
-                method=skullstrip_method,  # type: ignore[arg-type]
-                template_t1=template,
-                template_brainmask=template_mask,
-                deepbet_threshold=deepbet_threshold,
-                registration_type=registration_type,
-                random_seed=random_seed,
-            )
+            if skullstrip_method == "none":
+                # Stripped download: the brain is where the reference is non-zero, taken on
+                # the raw grid (B-spline resampling rings into the zero background).
+                raw_brain = nifti_to_ants(
+                    nib.Nifti1Image(
+                        (np.asanyarray(raw[reference_sequence].dataobj) != 0).astype(np.float32),
+                        raw[reference_sequence].affine,
+                    )
+                )
+                mask = _as_mask(
+                    ants.resample_image_to_target(
+                        raw_brain, heads[reference_sequence], interp_type="nearestNeighbor"
+                    )
+                )
+            else:
+                mask = skull_strip(
+                    heads[reference_sequence],
+                    method=skullstrip_method,  # type: ignore[arg-type]
+                    template_t1=template,
+                    template_brainmask=template_mask,
+                    deepbet_threshold=deepbet_threshold,
+                    registration_type=registration_type,
+                    hdbet_weights=hdbet_weights,
+                    random_seed=random_seed,
+                )
         except ValueError as err:
             raise InputError(f"{reference_path}: skull-stripping failed: {err}") from err
         if not mask.any():
@@ -259,9 +301,17 @@ def preprocess_subject(
 
     with timer.step("register"):
         moving = heads[reference_sequence] * subject_mask
-        with register(
-            template_brain, moving, type_of_transform=registration_type, random_seed=random_seed
-        ) as reg:
+        aligner = (
+            register_images(
+                template_brain,
+                moving,
+                type_of_transform=registration_type,
+                random_seed=random_seed,
+            )
+            if register
+            else identity(template_brain, moving)
+        )
+        with aligner as reg:
             out_mask = _as_mask(reg.to_fixed(subject_mask, "nearestNeighbor", grid))
             moved = {k: reg.to_fixed(v, "linear", grid).numpy() for k, v in heads.items()}
             # From the reoriented native grid: one interpolation for labels too.
@@ -342,7 +392,8 @@ def preprocess_subject(
                 "reference_sequence": reference_sequence,
                 "n4_shrink_factor": n4_shrink_factor,
                 "n4_iterations": list(n4_iterations),
-                "registration_type": registration_type,
+                "registration_type": registration_type if register else None,
+                "coregister_sequences": coregister_sequences,
                 "deepbet_threshold": deepbet_threshold,
                 "deepbet_grids": DEEPBET_GRIDS if skullstrip_method == "deepbet" else None,
                 "normalise_percentiles": list(normalise_percentiles),

@@ -109,3 +109,15 @@ def register(
             forward=[forward] if isinstance(forward, str) else list(forward),
             inverse=[inverse] if isinstance(inverse, str) else list(inverse),
         )
+
+
+@contextlib.contextmanager
+def identity(fixed: ants.ANTsImage, moving: ants.ANTsImage) -> Iterator[Registration]:
+    """The identity transform as a :class:`Registration`, for images already in ``fixed``'s
+    space (ATLAS in MNI152): volumes are only resampled onto the requested grid."""
+    with tempfile.TemporaryDirectory(prefix="brainuad_ants_") as folder:
+        path = str(Path(folder) / "identity.mat")
+        ants.write_transform(
+            ants.create_ants_transform(transform_type="AffineTransform", dimension=3), path
+        )
+        yield Registration(fixed=fixed, moving=moving, forward=[path], inverse=[path])

@@ -15,7 +15,10 @@ Rules applied to every subject, in this order:
    with rows running anterior to posterior and columns running from the subject's left to
    right (``np.rot90`` of the RAS slice): shown with ``imshow`` anterior is up and the
    subject's left is on the viewer's left (neurological convention).
-4. **Square and resize.** The slice is zero-padded symmetrically to a square, then resized to
+4. **Label convention.** With ``lesion_labels`` given, segmentation values outside it are
+   set to 0 in ``seg``; values in ``ignore_labels`` (WMH 2017's "other pathology") go to a
+   separate ``ignore`` mask, excluded from scoring. Lesion sub-labels (BraTS 1/2/4) are kept.
+5. **Square and resize.** The slice is zero-padded symmetrically to a square, then resized to
    ``size x size``: images bilinearly with anti-aliasing (``torch.nn.functional.interpolate``,
    ``antialias=True``), brain mask and segmentation with ``nearest-exact`` so label values are
    preserved. Image intensities are set to 0 outside the resized brain mask, keeping the
@@ -52,12 +55,15 @@ class SubjectSlices:
         brainmask: uint8 ``[n, size, size]``, 1 inside the brain.
         seg: uint8 ``[n, size, size]``, lesion labels, 0 where healthy.
         slice_index: int32 ``[n]``, axial index in the RAS volume (increasing).
+        ignore: uint8 ``[n, size, size]``, 1 where the labels are neither lesion nor
+            healthy (``ignore_labels``), or None when the dataset has no such labels.
     """
 
     images: np.ndarray
     brainmask: np.ndarray
     seg: np.ndarray
     slice_index: np.ndarray
+    ignore: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.slice_index.size)
@@ -111,6 +117,8 @@ def extract_subject_slices(
     sequences: Sequence[str],
     size: int,
     min_brain_fraction: float,
+    lesion_labels: Sequence[int] = (),
+    ignore_labels: Sequence[int] = (),
 ) -> SubjectSlices:
     """Load one subject's volumes and return its kept, oriented, resized axial slices.
 
@@ -122,6 +130,8 @@ def extract_subject_slices(
         size: output height and width in pixels.
         min_brain_fraction: keep slices whose brain area is at least this fraction of the
             subject's largest brain slice area (see the module docstring).
+        lesion_labels: label values that are lesion; empty keeps every non-zero value.
+        ignore_labels: label values excluded from lesion and scoring (an ``ignore`` mask).
 
     Raises:
         InputError: a sequence is missing, a file is unreadable, volumes are on different
@@ -152,6 +162,9 @@ def extract_subject_slices(
     image_vols = [np.asanyarray(img.dataobj).astype(np.float32) for img in loaded[:-2]]
     mask_vol = np.asanyarray(loaded[-2].dataobj) > 0
     seg_vol = _label_volume(paths[-1], loaded[-1])
+    ignore_vol = np.isin(seg_vol, list(ignore_labels)).astype(np.uint8) if ignore_labels else None
+    if lesion_labels:
+        seg_vol = np.where(np.isin(seg_vol, list(lesion_labels)), seg_vol, 0).astype(np.uint8)
 
     area = mask_vol.sum(axis=(0, 1))
     if area.max() == 0:
@@ -166,11 +179,16 @@ def extract_subject_slices(
     mask_out = _resize(_pad_square(mask_stack), size, labels=True)[:, 0].astype(np.uint8)
     seg_out = _resize(_pad_square(seg_stack), size, labels=True)[:, 0].astype(np.uint8)
     image_out = np.where(mask_out[:, None] > 0, image_out, 0.0).astype(np.float32)
+    ignore_out = None
+    if ignore_vol is not None:
+        ignore_stack = _oriented_slices(ignore_vol[:, :, keep])[:, None]
+        ignore_out = _resize(_pad_square(ignore_stack), size, labels=True)[:, 0].astype(np.uint8)
     return SubjectSlices(
         images=image_out,
         brainmask=mask_out,
         seg=seg_out,
         slice_index=keep.astype(np.int32),
+        ignore=ignore_out,
     )
 
 
@@ -183,6 +201,8 @@ def build_slice_file(
     min_brain_fraction: float,
     attrs: Mapping[str, Any],
     min_lesion_pixels: int = 1,
+    lesion_labels: Sequence[int] = (),
+    ignore_labels: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Write the slice file of one dataset, subjects in sorted order, atomically.
 
@@ -198,6 +218,9 @@ def build_slice_file(
             recorded as well.
         min_lesion_pixels: a slice is labelled a lesion slice (``label`` 1) when it has at
             least this many lesion pixels (recorded in the file).
+        lesion_labels, ignore_labels: the dataset's label convention (see
+            :func:`extract_subject_slices`); with ignore labels the file gets an ``ignore``
+            dataset.
 
     Returns:
         ``{"n_subjects", "n_slices", "n_lesion_slices", "per_subject": {id: {"n_slices",
@@ -219,6 +242,7 @@ def build_slice_file(
         width=size,
         attrs=file_attrs,
         min_lesion_pixels=min_lesion_pixels,
+        with_ignore=bool(ignore_labels),
     ) as writer:
         for subject in sorted(subjects):
             files = subjects[subject]
@@ -234,11 +258,18 @@ def build_slice_file(
                     sequences=sequences,
                     size=size,
                     min_brain_fraction=min_brain_fraction,
+                    lesion_labels=lesion_labels,
+                    ignore_labels=ignore_labels,
                 )
             except InputError as err:
                 raise InputError(f"subject {subject}: {err}") from err
             writer.append_subject(
-                subject, slices.images, slices.brainmask, slices.seg, slices.slice_index
+                subject,
+                slices.images,
+                slices.brainmask,
+                slices.seg,
+                slices.slice_index,
+                ignore=slices.ignore,
             )
             lesion = int(((slices.seg > 0).sum(axis=(1, 2)) >= min_lesion_pixels).sum())
             per_subject[subject] = {"n_slices": len(slices), "n_lesion_slices": lesion}

@@ -8,6 +8,7 @@ name           dtype      shape         meaning
 images         float32    [N, C, H, W]  normalised intensities, 0 outside the brain
 brainmask      uint8      [N, H, W]     1 inside the brain
 seg            uint8      [N, H, W]     lesion labels, 0 where healthy
+ignore         uint8      [N, H, W]     optional: 1 where excluded from scoring (WMH label 2)
 label          uint8      [N]           1 if the slice has ≥ min_lesion_pixels lesion pixels
 subject        str        [N]           subject identifier
 slice_index    int32      [N]           axial index in the preprocessed volume
@@ -72,6 +73,7 @@ class SliceWriter:
         width: int,
         attrs: dict[str, Any] | None = None,
         min_lesion_pixels: int = 1,
+        with_ignore: bool = False,
     ) -> None:
         self.path = Path(path)
         if int(min_lesion_pixels) != min_lesion_pixels or min_lesion_pixels < 1:
@@ -79,6 +81,7 @@ class SliceWriter:
                 f"slices.min_lesion_pixels: {min_lesion_pixels!r}, expected an integer ≥ 1"
             )
         self.min_lesion_pixels = int(min_lesion_pixels)
+        self.with_ignore = with_ignore
         self.sequences = list(sequences)
         self.height, self.width = int(height), int(width)
         self.attrs = attrs or {}
@@ -104,7 +107,7 @@ class SliceWriter:
             chunks=(1, c, h, w),
             compression="lzf",
         )
-        for name in ("brainmask", "seg"):
+        for name in ("brainmask", "seg", "ignore") if self.with_ignore else ("brainmask", "seg"):
             f.create_dataset(
                 name,
                 shape=(0, h, w),
@@ -130,6 +133,7 @@ class SliceWriter:
         brainmask: np.ndarray,
         seg: np.ndarray,
         slice_index: np.ndarray,
+        ignore: np.ndarray | None = None,
     ) -> None:
         """Append the kept slices of one subject.
 
@@ -139,6 +143,8 @@ class SliceWriter:
             brainmask: ``[n, H, W]``, non-zero inside the brain.
             seg: ``[n, H, W]``, non-zero on lesions.
             slice_index: ``[n]`` axial indices in the preprocessed volume.
+            ignore: ``[n, H, W]``, non-zero where voxels are excluded from scoring; required
+                when the writer was made ``with_ignore``, refused otherwise.
         """
         assert self._file is not None, "use SliceWriter as a context manager"
         n = images.shape[0]
@@ -150,10 +156,20 @@ class SliceWriter:
                 f"{subject}: brainmask {brainmask.shape} / seg {seg.shape} "
                 f"do not match images {images.shape}"
             )
+        if (ignore is not None) != self.with_ignore or (
+            ignore is not None and ignore.shape != brainmask.shape
+        ):
+            raise ValueError(
+                f"{subject}: ignore mask {None if ignore is None else ignore.shape} does not "
+                f"fit a writer with_ignore={self.with_ignore} and brainmask {brainmask.shape}"
+            )
         f = self._file
         start = f["images"].shape[0]
-        for name in ("images", "brainmask", "seg", "label", "slice_index", "subject"):
+        names = ("images", "brainmask", "seg", "label", "slice_index", "subject")
+        for name in (*names, "ignore") if self.with_ignore else names:
             f[name].resize(start + n, axis=0)
+        if ignore is not None:
+            f["ignore"][start:] = (ignore > 0).astype(np.uint8)
         f["images"][start:] = images.astype(np.float32)
         f["brainmask"][start:] = (brainmask > 0).astype(np.uint8)
         f["seg"][start:] = seg.astype(np.uint8)
@@ -239,6 +255,8 @@ class SliceFile:
         with hdf5_errors(self.path, SLICE_FILE):
             f = self.file
             out = {name: read_rows(f[name], rows) for name in ("images", "brainmask", "seg")}
+            if "ignore" in f:  # datasets with labels excluded from scoring (WMH 2017)
+                out["ignore"] = read_rows(f["ignore"], rows)
         out["label"] = self.labels[rows]
         out["subject"] = self.subjects[rows]
         out["slice_index"] = self.slice_indices[rows]
