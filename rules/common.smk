@@ -1,5 +1,7 @@
 # Config validation, wildcard constraints and every input function of the workflow.
 
+from snakemake.utils import validate
+
 from brainuad.config import synthetic_subjects
 from brainuad.config_checks import check_study_config
 from brainuad.methods import method_class
@@ -12,6 +14,7 @@ from brainuad.data.datasets import (
     dataset_sequences,
     dataset_slice_sequences,
     preprocess_arguments,
+    scored_datasets,
 )
 from brainuad.data.sheet import read_sheet, sheet_labels, subject_files
 
@@ -354,7 +357,8 @@ def calibration_lesion_datasets(wildcards):
     """The lesion cohorts calibrate_threshold calibrates on by best Dice on validation (their
     val scores are its inputs); none when evaluation.best_dice_on_validation is off."""
     if config["evaluation"]["best_dice_on_validation"]:
-        return LESION_DATASETS
+        scored = scored_datasets(config, wildcards.method)
+        return [dataset for dataset in LESION_DATASETS if dataset in scored]
     return []
 
 
@@ -375,13 +379,21 @@ def feature_weights(wildcards):
     return weights
 
 
-def metrics_files(method=None, fold=None, dataset=None):
-    return expand(
-        "results/metrics/{method}/fold{fold}/{dataset}.csv",
-        method=METHODS if method is None else [method],
-        fold=FOLDS if fold is None else [fold],
-        dataset=DATASETS if dataset is None else [dataset],
-    )
+# (method, fold, dataset) of every evaluation: each method on the datasets that hold the
+# sequences it reads (brainuad.data.datasets.scored_datasets), every fold.
+METRIC_KEYS = [
+    (method, fold, dataset)
+    for method in METHODS
+    for fold in FOLDS
+    for dataset in scored_datasets(config, method)
+]
+
+
+def metrics_files():
+    return [
+        f"results/metrics/{method}/fold{fold}/{dataset}.csv"
+        for method, fold, dataset in METRIC_KEYS
+    ]
 
 
 def metrics_summaries():
@@ -389,12 +401,10 @@ def metrics_summaries():
 
 
 def test_scores_files():
-    return expand(
-        "results/scores/{method}/fold{fold}/{dataset}_test.h5",
-        method=METHODS,
-        fold=FOLDS,
-        dataset=DATASETS,
-    )
+    return [
+        f"results/scores/{method}/fold{fold}/{dataset}_test.h5"
+        for method, fold, dataset in METRIC_KEYS
+    ]
 
 
 def training_logs():

@@ -31,8 +31,8 @@ rule aggregate_tables:
     params:
         default_protocol=config["evaluation"]["default_protocol"],
         methods=METHODS,
-        folds=FOLDS,
         datasets=DATASETS,
+        metric_keys=METRIC_KEYS,
         lesion_datasets=LESION_DATASETS,
     script:
         "../workflow_scripts/aggregate_tables.py"
@@ -65,6 +65,7 @@ rule plot_figures:
         trained_methods=TRAINED_METHODS,
         folds=FOLDS,
         datasets=DATASETS,
+        metric_keys=METRIC_KEYS,
         lesion_datasets=LESION_DATASETS,
         figures=FIGURES,
     script:

@@ -590,7 +590,7 @@ def test_schema_errors_are_one_line_each_with_the_key_path() -> None:
         .strip()
         .startswith(
             "preprocess: Additional properties are not allowed ('resolutoin' was unexpected); "
-            "allowed keys: ['crop_shape'"
+            "allowed keys: ['coregister_sequences'"
         )
     )
     assert lines[2].strip() == "splits.n_folds: 'two' is not of type 'integer'"

@@ -391,3 +391,14 @@ def test_steps_for_epochs_matches_the_reference():
     assert steps_for_epochs(1600, epoch_size=387, batch_size=32) == 19350
     assert steps_for_epochs(1200, epoch_size=387, batch_size=32) == 14513
     assert steps_for_epochs(0.01, epoch_size=10, batch_size=32) == 1
+
+
+def test_longer_run_with_lr_schedule_is_refused(slices, tmp_path):
+    """A cosine schedule spans the run's length: extending the run would silently keep the
+    old schedule (its state restores the old T_max), so the checkpoint is refused."""
+    dataset = SliceDataset(slices)
+    seed_everything(7)
+    train(_DecayingAE(**AE_TINY), dataset, None, make_run(tmp_path, max_steps=5))
+    seed_everything(7)
+    with pytest.raises(InputError, match="lr_schedule"):
+        train(_DecayingAE(**AE_TINY), dataset, None, make_run(tmp_path, max_steps=8))

@@ -1,14 +1,14 @@
 """Aggregate per-subject metrics into the paper tables (CSV, Markdown, LaTeX)."""
 
 import os
-from itertools import product
 
 from brainuad.evaluation.aggregate import build_tables
 from brainuad.workflow import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
     params = snakemake.params
-    keys = list(product(params.methods, params.folds, params.datasets))
+    # (method, fold, dataset) in the order of the inputs: each method on its datasets.
+    keys = [tuple(key) for key in params.metric_keys]
     summary, paths = build_tables(
         metric_paths=dict(zip(keys, snakemake.input.metrics, strict=True)),
         by_metric_dir=snakemake.output.by_metric,

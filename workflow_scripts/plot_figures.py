@@ -12,7 +12,8 @@ with rule_logging(snakemake.log[0]):
     by_run = list(product(params.methods, params.folds))
     # Training-free methods have no training log.
     trained_runs = list(product(params.trained_methods, params.folds))
-    by_dataset = list(product(params.methods, params.folds, params.datasets))
+    # (method, fold, dataset) in the order of the inputs: each method on its datasets.
+    by_dataset = [tuple(key) for key in params.metric_keys]
     build_figures(
         metric_paths=dict(zip(by_dataset, inputs.metrics, strict=True)),
         train_logs=dict(zip(trained_runs, inputs.train_logs, strict=True)),

@@ -64,6 +64,7 @@ def check_methods(config: dict[str, Any]) -> None:
     data: a registered implementation, inputs among the sliced sequences, a training length
     per stage, stage overrides naming real stages, and, for weakly supervised stages,
     lesion cohorts with a train split to learn from."""
+    from brainuad.data.datasets import dataset_slice_sequences, method_inputs
     from brainuad.errors import InputError
     from brainuad.methods.registry import available_methods, import_method_modules, method_class
 
@@ -82,6 +83,14 @@ def check_methods(config: dict[str, Any]) -> None:
             if sequence not in sliced:
                 raise ConfigError(
                     f"{where}.inputs: '{sequence}' is not in slices.sequences {sliced}"
+                )
+        inputs = method_inputs(config, name)
+        for dataset in (healthy, *spec.get("train_datasets", [])):
+            have = dataset_slice_sequences(config, dataset) if dataset in datasets else inputs
+            if not set(inputs) <= set(have):
+                raise ConfigError(
+                    f"{where}.inputs: reads {inputs}, but the slices of '{dataset}' (which "
+                    f"it trains on) hold {have}; set `inputs` to sequences it has"
                 )
         training = dict(spec.get("training", {}))
         overrides = training.pop("stages", {}) or {}

@@ -65,6 +65,19 @@ def dataset_slice_sequences(config: dict[str, Any], dataset: str) -> list[str]:
     return [s for s in config["slices"]["sequences"] if s in have]
 
 
+def method_inputs(config: dict[str, Any], method: str) -> list[str]:
+    """The sequences ``methods.<method>`` reads: its ``inputs``, default ``slices.sequences``."""
+    return list(config["methods"][method].get("inputs") or config["slices"]["sequences"])
+
+
+def scored_datasets(config: dict[str, Any], method: str) -> list[str]:
+    """The datasets ``method`` is scored, calibrated and reported on: those whose slice
+    files hold every sequence it reads (a T2 model is never asked to score ATLAS, which has
+    T1 only; cDDPM Table 3 scores BraTS21 and MSLUB with T2 models, ATLAS and WMH with T1)."""
+    inputs = set(method_inputs(config, method))
+    return [d for d in config["datasets"] if inputs <= set(dataset_slice_sequences(config, d))]
+
+
 def dataset_labels(config: dict[str, Any], dataset: str) -> LabelConvention | None:
     """Label convention of ``dataset`` (None for a healthy real dataset without labels)."""
     adapter = adapter_of(config, dataset)

@@ -280,7 +280,8 @@ def train(
     Seed the global RNGs (``seed_everything``) before building the method, so that its
     initial weights are reproducible too; this function seeds everything after that.
     A checkpoint at or beyond ``run.max_steps`` only reloads the weights (no training); a
-    larger ``max_steps`` than before extends the run. A checkpoint made with another method,
+    larger ``max_steps`` than before extends the run (unless the method has a learning-rate
+    schedule, which is laid out over the run's length). A checkpoint made with another method,
     other hyperparameters (scoring-only ones aside), seed, batch size, learning rate, mixed
     precision, number of training slices or ``data_fingerprint`` is refused (InputError):
     resuming it would silently mix two runs, and returning its weights would misreport
@@ -339,6 +340,11 @@ def train(
         "data_fingerprint": data_fingerprint,
         "sampler": run.sampler,
         "augmentation": run.augmentation,
+        # A schedule is laid out over the run's length (cosine annealing's T_max): a resumed
+        # run of another length would silently follow the old schedule, so it is refused.
+        "lr_schedule": None
+        if scheduler is None
+        else {"kind": type(scheduler).__name__, "max_steps": run.max_steps},
     }
     checkpoint = _read_checkpoint(run.checkpoint_path, method, identity)
     start_step, elapsed = 0, 0.0
@@ -656,6 +662,7 @@ def _write_checkpoint(
         "stage": identity["stage"],
         "sampler": identity["sampler"],
         "augmentation": identity["augmentation"],
+        "lr_schedule": identity["lr_schedule"],
         "rng": _get_rng_state(),
         "learning_rate": identity["learning_rate"],
         "mixed_precision": identity["mixed_precision"],
@@ -706,6 +713,7 @@ def _read_checkpoint(path: Path, method: Method, identity: dict[str, Any]) -> di
         "stage": payload["stage"],
         "sampler": payload["sampler"],
         "augmentation": payload["augmentation"],
+        "lr_schedule": payload["lr_schedule"],
         "hparams": _training_hparams(method, payload["hparams"]),
         "seed": data["seed"],
         "batch_size": data["batch_size"],
