@@ -77,6 +77,26 @@ def write_cohorts(tmp_path) -> dict[str, TrainingCohort]:
     return cohorts
 
 
+def train_in(tmp_path, name: str, cohorts, training: dict, *, stage: str = FINAL_STAGE, **kwargs):
+    """``train_fold`` of ``stage`` with its files under ``tmp_path`` (named after the stage)."""
+    return train_fold(
+        method_name=name,
+        model_hparams=kwargs.pop("model_hparams", TINY_HPARAMS[name]),
+        training=training,
+        cohorts=cohorts,
+        fold=kwargs.pop("fold", 0),
+        stage=stage,
+        checkpoint_dir=tmp_path / "checkpoints" / stage,
+        out_model=tmp_path / f"{stage}.pt",
+        out_log=tmp_path / f"{stage}_log.csv",
+        out_config=tmp_path / f"{stage}.json",
+        seed=0,
+        device="cpu",
+        progress=False,
+        **kwargs,
+    )
+
+
 def train_every_stage(name, cohorts, tmp_path, max_steps: int = 3) -> dict[str, object]:
     """Train each stage of ``name`` in declared order through ``train_fold`` (what the
     workflow runs), each consuming the files of the stages it names; the stage files."""
@@ -84,21 +104,13 @@ def train_every_stage(name, cohorts, tmp_path, max_steps: int = 3) -> dict[str, 
     files: dict[str, object] = {}
     for stage in cls.stages:
         weak = cls.stage_supervision(stage.name) == "image_labels"
-        summary = train_fold(
-            method_name=name,
-            model_hparams=TINY_HPARAMS[name],
-            training={"max_steps": max_steps, "batch_size": 4, "checkpoint_every": 3},
-            cohorts=[cohorts["lesion"], cohorts["healthy"]] if weak else [cohorts["healthy"]],
-            fold=0,
+        summary = train_in(
+            tmp_path,
+            name,
+            [cohorts["lesion"], cohorts["healthy"]] if weak else [cohorts["healthy"]],
+            {"max_steps": max_steps, "batch_size": 4, "checkpoint_every": 3},
             stage=stage.name,
             consumed={earlier: files[earlier] for earlier in stage.consumes},
-            checkpoint_dir=tmp_path / "checkpoints" / stage.name,
-            out_model=tmp_path / f"{stage.name}.pt",
-            out_log=tmp_path / f"{stage.name}_log.csv",
-            out_config=tmp_path / f"{stage.name}.json",
-            seed=0,
-            device="cpu",
-            progress=False,
         )
         assert summary["stage"] == stage.name and summary["final_step"] == max_steps
         assert np.isfinite(summary["final_train_loss"])
@@ -196,28 +208,10 @@ def test_weakly_supervised_method_learns_from_slice_labels(tmp_path):
     with balanced batches, lesion slices score higher than healthy ones."""
     cohorts = write_cohorts(tmp_path)
     seed_everything(0)
-    summary = train_fold(
-        method_name="toy_weak",
-        model_hparams={},
-        training={
-            "max_steps": 60,
-            "batch_size": 8,
-            "learning_rate": 0.05,
-            "checkpoint_every": 60,
-            "sampler": "balanced",
-        },
-        cohorts=[cohorts["lesion"]],
-        fold=1,
-        checkpoint_dir=tmp_path / "ckpt",
-        out_model=tmp_path / "model.pt",
-        out_log=tmp_path / "log.csv",
-        out_config=tmp_path / "config.json",
-        seed=0,
-        device="cpu",
-        progress=False,
-    )
+    training = {"max_steps": 60, "batch_size": 8, "learning_rate": 0.05, "sampler": "balanced"}
+    summary = train_in(tmp_path, "toy_weak", [cohorts["lesion"]], training, fold=1)
     assert summary["sampler"] == "balanced"
-    record = json.loads((tmp_path / "config.json").read_text())
+    record = json.loads((tmp_path / "model.json").read_text())
     assert record["trained_on"]["supervision"] == "image_labels"
     assert record["trained_on"]["datasets"]["lesion"]["train"] == subjects_in(
         read_splits(cohorts["lesion"].splits_path), fold=1, split="train"
@@ -236,20 +230,7 @@ def test_weakly_supervised_method_learns_from_slice_labels(tmp_path):
 def test_healthy_method_refuses_lesion_cohort(tmp_path):
     cohorts = write_cohorts(tmp_path)
     with pytest.raises(InputError, match="healthy slices only"):
-        train_fold(
-            method_name="ae",
-            model_hparams=TINY_HPARAMS["ae"],
-            training={"max_steps": 1},
-            cohorts=[cohorts["lesion"]],
-            fold=0,
-            checkpoint_dir=tmp_path / "ckpt",
-            out_model=tmp_path / "model.pt",
-            out_log=tmp_path / "log.csv",
-            out_config=tmp_path / "config.json",
-            seed=0,
-            device="cpu",
-            progress=False,
-        )
+        train_in(tmp_path, "ae", [cohorts["lesion"]], {"max_steps": 1})
     assert not (tmp_path / "model.pt").exists()
 
 
