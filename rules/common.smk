@@ -86,9 +86,16 @@ _SHEETS = {}
 
 
 def sheet_of(dataset):
-    """{subject: {column: path}} from the dataset's subject sheet (a checkpoint output),
-    validated against config/subjects.schema.yaml; read once per version of the file."""
-    path = checkpoints.subject_sheet.get(dataset=dataset).output[0]
+    """{subject: {column: path}} from the dataset's subject sheet, validated against
+    config/subjects.schema.yaml; read once per version of the file.
+
+    The checkpoint is asked only while the sheet does not exist (the first run): Snakemake
+    (9.27) re-plans every job downstream of an input function that asks a checkpoint, on
+    every later run, even when all is up to date. A sheet is rebuilt on purpose with
+    `--forcerun subject_sheet`, after which the next run plans from the new sheet."""
+    path = f"results/subjects/{dataset}.tsv"
+    if not os.path.exists(path):
+        path = checkpoints.subject_sheet.get(dataset=dataset).output[0]
     key = (path, os.stat(path).st_mtime_ns)
     if key not in _SHEETS:
         table = read_sheet(path)
