@@ -174,8 +174,9 @@ def rule_of(comment: str) -> str:
 
 
 def submitted_rules(log: str) -> Counter[str]:
-    """Rule instances Snakemake submitted to Slurm (its `localrule` lines ran on the host)."""
-    return Counter(re.findall(r"^rule (\w+):$", log, flags=re.MULTILINE))
+    """Rule instances Snakemake submitted to Slurm (its `localrule` lines ran on the host;
+    checkpoint rules, such as the subject sheets, are printed as `checkpoint <name>:`)."""
+    return Counter(re.findall(r"^(?:rule|checkpoint) (\w+):$", log, flags=re.MULTILINE))
 
 
 def run_through_slurm(
