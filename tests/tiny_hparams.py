@@ -13,9 +13,22 @@ DDPM_TINY = {
 }
 DAE_TINY = {"channels": (8, 16, 16), "norm_num_groups": 4}
 VAE_TINY = {"image_size": 32, "channels": (8, 16), "latent_size": 8}
+# Chains cut to every 100th timestep: 2 + 1 UNet evaluations per slice.
+AUTODDPM_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, True),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "inference_steps": 10,
+    "recon_timestep": 100,
+    "inpaint_timestep": 100,
+    "resample_steps": 1,
+}
 TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,
     "ddpm": DDPM_TINY,
+    "autoddpm": AUTODDPM_TINY,
     "dae": DAE_TINY,
     "vae": VAE_TINY,
     "intensity": {},
