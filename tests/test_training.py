@@ -402,3 +402,36 @@ def test_longer_run_with_lr_schedule_is_refused(slices, tmp_path):
     seed_everything(7)
     with pytest.raises(InputError, match="lr_schedule"):
         train(_DecayingAE(**AE_TINY), dataset, None, make_run(tmp_path, max_steps=8))
+
+
+class _HookedAE(ConvAutoencoder):
+    """The tiny AE with a tiny gradient-norm limit, recording the loop's optimiser-step
+    hooks and the gradient norm the optimiser then sees (not registered)."""
+
+    name = "ae"
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.hparams["gradient_clip_norm"] = 1e-3
+        self.calls: list[tuple] = []
+
+    def before_optimizer_step(self, stage="model"):
+        super().before_optimizer_step(stage)
+        grads = [p.grad.norm() for p in self.parameters() if p.grad is not None]
+        self.calls.append(("before", stage, float(torch.stack(grads).norm())))
+
+    def after_optimizer_step(self, stage="model"):
+        self.calls.append(("after", stage))
+
+
+def test_optimizer_step_hooks_and_gradient_clipping(slices, tmp_path):
+    """The loop calls before_optimizer_step (where the base class clips gradients to the
+    `gradient_clip_norm` hyperparameter) and after_optimizer_step around every step."""
+    dataset = SliceDataset(slices)
+    seed_everything(7)
+    method = _HookedAE(**AE_TINY)
+    train(method, dataset, None, make_run(tmp_path, max_steps=3))
+    assert [c[:2] for c in method.calls] == [("before", "model"), ("after", "model")] * 3
+    norms = [c[2] for c in method.calls if c[0] == "before"]
+    assert all(n <= 1e-3 * (1 + 1e-5) for n in norms)
+    assert all(n > 5e-4 for n in norms)  # clipped to the limit, not zeroed

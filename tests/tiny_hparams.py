@@ -12,6 +12,16 @@ DDPM_TINY = {
     "norm_num_groups": 8,
 }
 DAE_TINY = {"channels": (8, 16, 16), "norm_num_groups": 4}
+PDDPM_TINY = {**DDPM_TINY, "patch_size": 16}
+ANODDPM_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, False),
+    "num_res_blocks": 1,
+    "num_heads": 1,
+    "norm_num_groups": 8,
+    "test_timestep": 4,
+    "ema_decay": 0.5,
+}
 VAE_TINY = {"image_size": 32, "channels": (8, 16), "latent_size": 8}
 # Chains cut to every 100th timestep: 2 + 1 UNet evaluations per slice.
 AUTODDPM_TINY = {
@@ -30,6 +40,8 @@ TINY_HPARAMS: dict[str, dict] = {
     "ddpm": DDPM_TINY,
     "autoddpm": AUTODDPM_TINY,
     "dae": DAE_TINY,
+    "pddpm": PDDPM_TINY,
+    "anoddpm": ANODDPM_TINY,
     "vae": VAE_TINY,
     "intensity": {},
     # tests/toy_methods.py

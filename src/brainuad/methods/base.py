@@ -146,10 +146,11 @@ class Method(torch.nn.Module, abc.ABC):
         return self.training_loss(batch)
 
     def stage_parameters(self, stage: str) -> list[torch.nn.Parameter]:
-        """Parameters trained by ``stage``: those of its ``modules``, or all of them."""
+        """Parameters trained by ``stage``: those of its ``modules``, or all of them, less
+        frozen ones (``requires_grad`` False, e.g. EMA copies)."""
         modules = self.stage(stage).modules
         if not modules:
-            return list(self.parameters())
+            return [p for p in self.parameters() if p.requires_grad]
         return [p for name in modules for p in self.get_submodule(name).parameters()]
 
     def configure_optimizer(
@@ -175,6 +176,25 @@ class Method(torch.nn.Module, abc.ABC):
         The loop saves its state in the training checkpoint, so a resumed run continues it.
         """
         return None
+
+    def before_optimizer_step(self, stage: str = FINAL_STAGE) -> None:
+        """Called by the training loop after ``backward`` and before ``optimizer.step()``.
+
+        The default clips the gradient norm of :meth:`stage_parameters` to the
+        ``gradient_clip_norm`` hyperparameter when a method has one (None or 0: no clipping),
+        as the references that clip do (``torch.nn.utils.clip_grad_norm_``).
+        """
+        max_norm = self.hparams.get("gradient_clip_norm")
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(self.stage_parameters(stage), float(max_norm))
+
+    def after_optimizer_step(self, stage: str = FINAL_STAGE) -> None:
+        """Called by the training loop after every ``optimizer.step()`` of ``stage``.
+
+        The place for weight averaging: a method that scores exponential-moving-average
+        weights (:class:`brainuad.training.ema.EMAWeights`, a submodule, so it is saved,
+        checkpointed and resumed with the rest) updates them here. Default: nothing.
+        """
 
     def load_stage(self, stage: str, path: str | os.PathLike) -> None:
         """Start from the modules that earlier stage ``stage`` trained, read from its file.

@@ -8,6 +8,9 @@ sampler is a setting: ``slices`` (epoch ``e`` is a permutation of the slices see
 ``seed + e``), ``volumes`` (the cDDPM reference's epoch: one random slice of every training
 volume) or ``balanced`` (as many lesion as healthy slices per batch, by slice label).
 Optional intensity augmentation (:mod:`brainuad.augment`) is applied to training batches only.
+Around every optimiser step the loop calls the method's hooks ``before_optimizer_step(stage)``
+(gradient clipping: the ``gradient_clip_norm`` hyperparameter) and
+``after_optimizer_step(stage)`` (e.g. EMA weights, :mod:`brainuad.training.ema`).
 
 Every ``checkpoint_every`` steps and at the end it
 writes a checkpoint atomically; re-running the same call after a kill resumes from the last
@@ -432,7 +435,9 @@ def train(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                method.before_optimizer_step(stage)  # e.g. gradient clipping
                 optimizer.step()
+                method.after_optimizer_step(stage)  # e.g. EMA weights
                 current_lr = optimizer.param_groups[0]["lr"]
                 if scheduler is not None:
                     scheduler.step()
