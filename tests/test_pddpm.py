@@ -97,3 +97,19 @@ def test_scoring_stitches_each_patch_from_the_pass_that_noised_it():
         b, k = divmod(row, 4)
         differs = (seen[0][0][row, 0] - x0[b, 0]).abs() > 1e-6
         assert torch.equal(differs, masks[k])
+
+
+def test_batched_scoring_equals_the_references_patch_loop():
+    """All patches of all slices in one UNet batch give the maps of the reference's loop
+    (one pass per patch of one slice); simplex noise is one pattern per call, so both see
+    the same noise."""
+    from brainuad.bench.scoring import compare_scoring, pddpm_patch_by_patch
+
+    torch.manual_seed(0)
+    method = build_method("pddpm", **{**PDDPM_TINY, "noise": "simplex"})
+    for p in method.unet.parameters():  # a non-trivial network
+        p.data.normal_(0, 0.05)
+    images, mask = torch.rand(3, 1, 32, 32), torch.ones(3, 1, 32, 32)
+    timing = compare_scoring(method, images, mask, pddpm_patch_by_patch(method))
+    assert timing.slices == 3
+    assert timing.max_abs_difference < 1e-5
