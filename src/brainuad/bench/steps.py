@@ -1,6 +1,7 @@
 """One training step per configured method, at the sizes of a study config.
 
-Run as ``python -m brainuad.bench.steps [--config config/paper.yaml] [--batch N] [--threads 1]``.
+Run as ``python -m brainuad.bench.steps [--config config/paper.yaml] [--batch N] [--threads 1]
+[--methods NAME ...]``.
 Builds every trained method of the config with its ``model`` hyperparameters, its inputs
 and working size (``inputs``, ``size``, default the config's slice size), and times one
 training step of its final stage (forward, backward, optimiser) on random slices in
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="*", default=None, help="entries (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(args.config.read_text())
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     seen = set()
     for name, spec in config["methods"].items():
+        if args.methods is not None and name not in args.methods:
+            continue
         implementation = spec.get("method", name)
         # Variants that differ only in the sequence read (t1/t2) cost the same.
         identity = yaml.safe_dump([implementation, spec.get("model"), spec.get("size")])
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         batch, seconds = step_seconds(config, name, args.batch, args.repeats)
         size = int(spec.get("size") or config["slices"]["size"])
         method = build_method(implementation, **spec.get("model", {}))
-        parameters = sum(p.numel() for p in method.parameters())
+        # Trained parameters: an EMA copy (AnoDDPM) is not counted twice.
+        parameters = sum(p.numel() for p in method.parameters() if p.requires_grad)
         print(
             f"| {name} | {implementation} | {size} | {batch} | {parameters / 1e6:.1f} M "
             f"| {seconds:.2f} |"
