@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
-TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm")
+TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "pddpm", "anoddpm")
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
