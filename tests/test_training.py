@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_hparams import AE_TINY, DDPM_TINY
+from tiny_hparams import AE_TINY, ANODDPM_TINY, DDPM_TINY
 
 from brainuad.errors import InputError
 from brainuad.methods import build_method
@@ -84,7 +84,11 @@ def test_loss_decreases(slices, tmp_path):
     assert rows[-1]["val_loss"] != "" and rows[0]["val_loss"] == ""
 
 
-@pytest.mark.parametrize("name, hparams", [("ae", AE_TINY), ("ddpm", DDPM_TINY)])
+@pytest.mark.parametrize(
+    "name, hparams",
+    # anoddpm: gradient clipping and EMA weights (in the state dict) resume exactly too.
+    [("ae", AE_TINY), ("ddpm", DDPM_TINY), ("anoddpm", ANODDPM_TINY)],
+)
 def test_resume_after_interrupt(slices, tmp_path, name, hparams):
     dataset = SliceDataset(slices)
 

@@ -79,7 +79,9 @@ class Method(torch.nn.Module, abc.ABC):
     call ``super().__init__(**hyperparameters)`` first (stored in ``self.hparams`` and saved
     with the weights), and implement :meth:`training_loss` and :meth:`_score`. A method of
     several stages declares them in ``stages`` and implements :meth:`stage_loss` (and, where
-    a stage trains only part of the method, names that part in ``Stage.modules``).
+    a stage trains only part of the method, names that part in ``Stage.modules``). The loop
+    calls :meth:`before_optimizer_step` (gradient clipping) and :meth:`after_optimizer_step`
+    (e.g. EMA weights) around every optimiser step.
 
     Class attributes:
         name: the registry name (set by ``register``).
