@@ -2,15 +2,16 @@
 # per-subject 3D metrics on the test splits.
 
 
-rule score_split:
+rule score_dataset:
     input:
         unpack(score_inputs),
     output:
-        "results/scores/{method}/fold{fold}/{dataset}_{split}.h5",
+        val="results/scores/{method}/fold{fold}/{dataset}_val.h5",
+        test="results/scores/{method}/fold{fold}/{dataset}_test.h5",
     log:
-        "logs/score_split/{method}/fold{fold}/{dataset}_{split}.log",
+        "logs/score_dataset/{method}/fold{fold}/{dataset}.log",
     benchmark:
-        "benchmarks/score_split/{method}/fold{fold}/{dataset}_{split}.tsv"
+        "benchmarks/score_dataset/{method}/fold{fold}/{dataset}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -22,7 +23,7 @@ rule score_split:
         score_config=score_config,
         device=config.get("device", "auto"),
     script:
-        "../workflow_scripts/score_split.py"
+        "../workflow_scripts/score_dataset.py"
 
 
 rule calibrate_threshold:

@@ -72,7 +72,7 @@ def test_default_config_dry_run_spans_generation_to_slices(tmp_path: Path) -> No
     run("subjects", "--cores", "2")
     jobs = planned_jobs(run("-n"))
     for rule in ("generate_synthetic_subject", "preprocess_subject", "extract_slices",
-                 "make_splits", "train_model", "score_split", "subject_metrics"):  # fmt: skip
+                 "make_splits", "train_model", "score_dataset", "subject_metrics"):  # fmt: skip
         assert jobs.get(rule, 0) > 0, (rule, jobs)
 
 
@@ -142,7 +142,7 @@ def test_deleted_fold_retrains_only_that_fold(tiny_study: Path) -> None:
         result = snakemake(tiny_study, "-n", "results/metrics/ae/fold1/synth_brats.csv")
         jobs = planned_jobs(result)
         assert jobs.get("train_model") == 1, jobs
-        assert set(jobs) == {"train_model", "score_split", "calibrate_threshold",
+        assert set(jobs) == {"train_model", "score_dataset", "calibrate_threshold",
                              "subject_metrics"}, jobs  # fmt: skip
         assert "results/models/ae/fold1/model.pt" in result.stdout
         assert "fold0" not in result.stdout and "ddpm" not in result.stdout
@@ -306,7 +306,7 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
         *(f"method={m}" for m in TRAINED_IN_TINY if m not in ("ae", "ddpm")),
     }  # fmt: skip
     # The training-free baseline is scored without a model file.
-    scored = planned_job_inputs(result, "score_split")
+    scored = planned_job_inputs(result, "score_dataset")
     intensity = [inputs for w, inputs in scored.items() if w.startswith("method=intensity")]
     assert intensity and all(not any(".pt" in p for p in i) for i in intensity)
 
