@@ -55,7 +55,7 @@ def with_analytic_networks(method: Method, sigma: float = 0.5, region=None) -> M
     return method
 
 
-def test_ddim_grid_pairs_both_ends():
+def test_ddim_grid_pairs_both_ends_and_sizes_are_checked():
     assert ddim_grid(500, 500) == list(range(501))
     assert ddim_grid(500, 4) == [0, 125, 250, 375, 500]
     assert ddim_grid(7, 3) == [0, 2, 5, 7]
@@ -63,6 +63,8 @@ def test_ddim_grid_pairs_both_ends():
         ddim_grid(10, 11)
     with pytest.raises(InputError, match="noise_level"):
         build_method("wolleb", **{**TINY_HPARAMS["wolleb"], "noise_level": 1000})
+    with pytest.raises(InputError, match="image_size=30 must be divisible by 4"):
+        build_method("wolleb", **{**TINY_HPARAMS["wolleb"], "image_size": 30})
 
 
 def test_classifier_gradient_moves_toward_healthy():

@@ -126,7 +126,8 @@ class Wolleb(Method):
         scoring (``scoring_hparams``).
 
     Input ``[B, C, H, W]`` in [0, 1], H = W = ``image_size``, divisible by
-    2^(len(channels) − 1).
+    2^(len(channels) − 1) and by 2^len(classifier_channels) (MONAI's encoder downsamples
+    after every level, the reference's after all but the last).
     """
 
     supervision = "image_labels"
@@ -192,6 +193,16 @@ class Wolleb(Method):
                 raise InputError(
                     f"hyperparameter {name} {tuple(levels)} must have one entry per level of "
                     f"its channels {tuple(widths)}"
+                )
+        for name, factor in (
+            ("channels", 2 ** (len(channels) - 1)),
+            # MONAI's encoder downsamples after every level, by average pooling.
+            ("classifier_channels", 2 ** len(classifier_channels)),
+        ):
+            if image_size % factor:
+                raise InputError(
+                    f"hyperparameter image_size={image_size} must be divisible by {factor} "
+                    f"(the downsampling of {name})"
                 )
         if num_heads < 1 or any(c % num_heads for c in channels):
             raise InputError(
