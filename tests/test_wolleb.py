@@ -3,12 +3,16 @@ toward healthy, exact pairing of DDIM encoding and decoding, and its two stages.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from test_methods import train_every_stage, write_cohorts
 from tiny_hparams import TINY_HPARAMS
 
+from brainuad.bench.wolleb import measure
 from brainuad.errors import InputError
 from brainuad.io.torchfile import load_torch
 from brainuad.methods import Method, build_method
@@ -193,3 +197,15 @@ def test_stages_train_their_own_network_and_model_file_holds_both(tmp_path):
     assert any(not torch.equal(first[k], initial[k]) for k in classifier_keys)
     assert all(torch.equal(first[k], initial[k]) for k in unet_keys)
     assert any(not torch.equal(final[k], initial[k]) for k in unet_keys)
+
+
+def test_benchmark_times_both_stages_and_both_scoring_modes():
+    """`python -m brainuad.bench.wolleb` on the tiny config: a row per stage and per
+    scoring mode (the measured numbers of docs/benchmarks.md come from this function)."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "config" / "tiny.yaml").read_text())
+    rows = dict(measure(config, "wolleb", batch=2, ddim_steps=None, repeats=1))
+    assert rows["size, channels, batch"] == "32, 1, 2"
+    for stage in ("classifier", "model"):
+        assert f"training step, stage `{stage}` (s wall / CPU)" in rows
+    assert rows["DDIM steps K (UNet evaluations per slice 2K)"] == "1 (2)"
+    assert "scoring, one slice at a time (slices/s wall / CPU)" in rows
