@@ -12,7 +12,7 @@ import yaml
 from test_methods import train_every_stage, write_cohorts
 from tiny_hparams import TINY_HPARAMS
 
-from brainuad.bench.wolleb import measure
+from brainuad.bench.steps import step_seconds
 from brainuad.errors import InputError
 from brainuad.io.torchfile import load_torch
 from brainuad.methods import Method, build_method
@@ -199,13 +199,11 @@ def test_stages_train_their_own_network_and_model_file_holds_both(tmp_path):
     assert any(not torch.equal(final[k], initial[k]) for k in unet_keys)
 
 
-def test_benchmark_times_both_stages_and_both_scoring_modes():
-    """`python -m brainuad.bench.wolleb` on the tiny config: a row per stage and per
-    scoring mode (the measured numbers of docs/benchmarks.md come from this function)."""
+def test_step_benchmark_times_each_stage():
+    """`python -m brainuad.bench.steps` times a step of each stage (docs/benchmarks.md)."""
     config = yaml.safe_load((Path(__file__).parents[1] / "config" / "tiny.yaml").read_text())
-    rows = dict(measure(config, "wolleb", batch=2, ddim_steps=None, repeats=1))
-    assert rows["size, channels, batch"] == "32, 1, 2"
     for stage in ("classifier", "model"):
-        assert f"training step, stage `{stage}` (s wall / CPU)" in rows
-    assert rows["DDIM steps K (UNet evaluations per slice 2K)"] == "1 (2)"
-    assert "scoring, one slice at a time (slices/s wall / CPU)" in rows
+        batch, seconds = step_seconds(config, "wolleb", 2, 1, stage)
+        assert batch == 2 and seconds > 0
+    with pytest.raises(InputError, match="has no stage 'pretrain'"):
+        step_seconds(config, "wolleb", 2, 1, "pretrain")
