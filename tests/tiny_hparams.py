@@ -25,12 +25,26 @@ AUTODDPM_TINY = {
     "inpaint_timestep": 100,
     "resample_steps": 1,
 }
+WOLLEB_TINY = {
+    "image_size": 32,
+    "channels": (8, 16),
+    "attention_levels": (False, True),
+    "num_res_blocks": 1,
+    "norm_num_groups": 8,
+    "classifier_channels": (8, 16),
+    "classifier_attention_levels": (False, True),
+    "classifier_num_res_blocks": 1,
+    "classifier_num_head_channels": 8,
+    "classifier_norm_num_groups": 8,
+    "ddim_steps": 2,
+}
 TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,
     "ddpm": DDPM_TINY,
     "autoddpm": AUTODDPM_TINY,
     "dae": DAE_TINY,
     "vae": VAE_TINY,
+    "wolleb": WOLLEB_TINY,
     "intensity": {},
     # tests/toy_methods.py
     "toy_two_stage": {},
