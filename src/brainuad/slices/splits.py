@@ -6,13 +6,14 @@ train/val over the rest; lesion cohorts get one train/val/test split repeated fo
 the ``train`` part (``splits.lesion_train_fraction``, default 0) is read only by weakly
 supervised methods (slice labels), ``val`` only for calibration and image-label validation,
 and ``test`` is shared by every method. Assignments depend only on the set of subject ids
-and the seed, never on the order the ids are given in.
+and the seed, never on the order the ids are given in. A download that ships its own folds
+(``cddpm_release``) keeps them (:func:`release_splits`, ``splits.source``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,43 @@ def lesion_splits(
     assignment.update(dict.fromkeys(rest[:n_val], "val"))
     assignment.update(dict.fromkeys(train, "train"))
     return _table([assignment] * n_folds)
+
+
+def release_splits(assignments: Mapping[str, str], *, n_folds: int, where: str) -> pd.DataFrame:
+    """The splits table of a download that ships its own folds (``cddpm_release``).
+
+    Args:
+        assignments: subject -> its ``release_split`` sheet cell: one of train/val/test
+            per fold, comma-separated (``"train,val,train"``), or a single value for every
+            fold (a lesion cohort's ``"test"``).
+        n_folds: ``splits.n_folds``; the release's first ``n_folds`` folds are used.
+        where: the sheet, for messages.
+
+    Raises:
+        InputError: ``n_folds < 2``, an unknown split value, or a release with fewer folds
+            than ``n_folds``.
+    """
+    n_folds = _check_n_folds(n_folds)
+    ids = _unique_subjects(assignments, where)
+    folds: list[dict[str, str]] = [{} for _ in range(n_folds)]
+    for subject in ids:
+        values = [v.strip() for v in str(assignments[subject]).split(",")]
+        unknown = sorted(set(values) - set(SPLITS))
+        if unknown:
+            raise InputError(
+                f"{where}: subject {subject}: release split {unknown}, expected one of "
+                f"{list(SPLITS)} per fold"
+            )
+        if len(values) == 1:
+            values = values * n_folds
+        if len(values) < n_folds:
+            raise InputError(
+                f"{where}: subject {subject}: the release has {len(values)} folds, "
+                f"splits.n_folds is {n_folds}; set n_folds to at most {len(values)}"
+            )
+        for k in range(n_folds):
+            folds[k][subject] = values[k]
+    return _table(folds)
 
 
 def check_splits(df: pd.DataFrame, *, source: str | os.PathLike | None = None) -> None:
