@@ -428,3 +428,24 @@ def test_layout_refused_for_sources_without_options(tmp_path):
     config["datasets"]["brats"]["layout"] = {"mask": "*"}
     with pytest.raises(ConfigError, match=r"datasets.brats.layout: \['mask'\] not understood"):
         check_datasets(config)
+
+
+def test_paper_release_alternative_is_a_valid_study(tmp_path):
+    """The commented cddpm_release block of config/paper.yaml, uncommented, passes every
+    config check (with the set folders present)."""
+    from brainuad.config_checks import check_study_config
+
+    text = (ROOT / "config" / "paper.yaml").read_text().splitlines()
+    start = text.index("# datasets:")
+    block = [line.removeprefix("# ") for line in text[start : start + 6]]
+    datasets = yaml.safe_load("\n".join(block))["datasets"]
+    config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    config["datasets"] = datasets
+    config["splits"]["source"] = "release"
+    config["data_dir"] = str(tmp_path)
+    for spec in datasets.values():
+        (tmp_path / spec["path"]).mkdir(parents=True)
+    check_study_config(config, str(ROOT / "config" / "schema.yaml"))
+    assert {d["source"] for d in datasets.values()} == {"cddpm_release"}
+    assert dataset_preprocess(config, "atlas")["sequences"] == ["t1"]
+    assert dataset_preprocess(config, "ixi")["sequences"] == ["t1", "t2"]
