@@ -449,3 +449,50 @@ def test_paper_release_alternative_is_a_valid_study(tmp_path):
     assert {d["source"] for d in datasets.values()} == {"cddpm_release"}
     assert dataset_preprocess(config, "atlas")["sequences"] == ["t1"]
     assert dataset_preprocess(config, "ixi")["sequences"] == ["t1", "t2"]
+
+
+def test_splits_source_decides_between_release_and_drawn_folds():
+    from brainuad.slices.splits import dataset_splits
+
+    subjects = ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"]
+    splits = ["test", "val,train", "train,val", "train,val", "val,train"]
+    release = dict(zip(subjects, splits, strict=True))
+    options = {"n_folds": 2, "healthy_test_fraction": 0.2}
+    kept = dataset_splits(
+        subjects, release=release, healthy=True, options=options, seed=0, where="s"
+    )
+    assert kept.equals(release_splits(release, n_folds=2, where="s"))
+    drawn = healthy_splits(subjects, n_folds=2, test_fraction=0.2, seed=0)
+    assert not drawn.equals(kept)
+    for source in ("auto", "release"):
+        table = dataset_splits(
+            subjects,
+            release=release,
+            healthy=True,
+            options=options | {"source": source},
+            seed=0,
+            where="s",
+        )
+        assert table.equals(kept), source
+    ignored = dataset_splits(
+        subjects,
+        release=release,
+        healthy=True,
+        options=options | {"source": "draw"},
+        seed=0,
+        where="s",
+    )
+    assert ignored.equals(drawn)
+    # Without release folds: drawn under auto, an error naming the sheet under release.
+    assert dataset_splits(
+        subjects, release=None, healthy=True, options=options, seed=0, where="s"
+    ).equals(drawn)
+    with pytest.raises(InputError, match=r"sheet\.tsv: splits\.source is 'release'"):
+        dataset_splits(
+            subjects,
+            release=None,
+            healthy=True,
+            options=options | {"source": "release"},
+            seed=0,
+            where="sheet.tsv",
+        )

@@ -189,6 +189,60 @@ def release_splits(assignments: Mapping[str, str], *, n_folds: int, where: str) 
     return _table(folds)
 
 
+def dataset_splits(
+    subjects: Iterable[str],
+    *,
+    release: Mapping[str, str] | None,
+    healthy: bool,
+    options: Mapping[str, object],
+    seed: int,
+    where: str,
+) -> pd.DataFrame:
+    """The splits of one dataset as the study's ``splits`` block asks.
+
+    Args:
+        subjects: the dataset's subjects (its sheet).
+        release: subject -> the sheet's ``release_split`` where the download ships its
+            folds (cddpm_release), else None.
+        healthy: the study's healthy training cohort (k-fold train/val + test).
+        options: the ``splits`` block; ``source`` is ``auto`` (default: the release's
+            folds where there are some, else drawn), ``draw`` or ``release`` (required).
+        seed: the study seed, for drawn splits.
+        where: the sheet, for messages.
+
+    Raises:
+        InputError: ``source: release`` for a dataset without release folds, or any error of
+            the split functions.
+    """
+    source = options.get("source", "auto")
+    subjects = list(subjects)
+    if release is not None and any(not release.get(s) for s in subjects):
+        release = None  # a sheet with release splits for only some subjects is not one
+    if source == "release" and release is None:
+        raise InputError(
+            f"{where}: splits.source is 'release' but this dataset's download ships no "
+            "folds (only cddpm_release does); use splits.source: auto"
+        )
+    if release is not None and source != "draw":
+        return release_splits(
+            {s: release[s] for s in subjects}, n_folds=options["n_folds"], where=where
+        )
+    if healthy:
+        return healthy_splits(
+            subjects,
+            n_folds=options["n_folds"],
+            test_fraction=options.get("healthy_test_fraction", 0.25),
+            seed=seed,
+        )
+    return lesion_splits(
+        subjects,
+        n_folds=options["n_folds"],
+        val_fraction=options.get("lesion_val_fraction", 0.3),
+        train_fraction=options.get("lesion_train_fraction", 0.0),
+        seed=seed,
+    )
+
+
 def check_splits(df: pd.DataFrame, *, source: str | os.PathLike | None = None) -> None:
     """Raise InputError unless ``df`` is a valid splits table.
 
