@@ -126,15 +126,17 @@ def synthetic_lesion(wildcards):
 
 def dataset_spec(wildcards):
     """What the subject sheet is discovered from (only that, so that changing e.g. the
-    dataset's preprocessing does not rewrite its sheet): source, folder, size, lesion.
+    dataset's preprocessing does not rewrite its sheet): source, folder, size, lesion,
+    layout options.
     """
     spec = config["datasets"][wildcards.dataset]
+    # `layout` only where set: the params of existing sheets stay as they were (no rerun).
     return {
         "source": spec["source"],
         "path": dataset_path(config, wildcards.dataset),
         "n_subjects": spec.get("n_subjects"),
         "lesion": spec["lesion"],
-    }
+    } | ({"layout": spec["layout"]} if spec.get("layout") else {})
 
 
 def dataset_sequences_of_wildcard(wildcards):
