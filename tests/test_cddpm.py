@@ -231,6 +231,12 @@ def test_ensemble_is_one_batch_with_the_encoding_computed_once():
     assert torch.allclose(out.reconstruction, mean, atol=1e-5)
     assert torch.allclose(out.anomaly_map, (images - mean).abs()[:, 0], atol=1e-5)
     assert not torch.allclose(recs[0], recs[2], atol=1e-3)
+    # The benchmark's one-evaluation-at-a-time loop gives the same map for one slice.
+    single, looped = (
+        method.score(images[:1], mask[:1]),
+        method.unbatched_score(images[:1], mask[:1]),
+    )
+    assert torch.allclose(single.anomaly_map, looped.anomaly_map, atol=1e-5)
 
 
 def test_invalid_hparams_are_named():

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
-TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm")
+TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "cddpm", "cddpm_nossl")
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -289,10 +289,15 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
     cohort; every method is scored on the same test subjects' splits files."""
     result = toy_snakemake(tmp_path, TOY_METHODS, "-n")
     jobs = planned_jobs(result)
-    assert jobs["train_stage"] == 2, jobs  # toy_two_stage's pretraining, 2 folds
+    # toy_two_stage's pretraining and cDDPM's SparK pretraining, 2 folds each.
+    assert jobs["train_stage"] == 4, jobs
     trained = planned_job_inputs(result, "train_model")
     stages = planned_job_inputs(result, "train_stage")
-    assert set(stages) == {f"method=toy_two_stage, fold={k}, stage=pretrain" for k in (0, 1)}
+    assert set(stages) == {
+        f"method={method}, fold={k}, stage={stage}"
+        for method, stage in (("toy_two_stage", "pretrain"), ("cddpm", "spark"))
+        for k in (0, 1)
+    }
     for wildcards, inputs in trained.items():
         fold = wildcards.split("fold=")[1].split(",")[0]
         if wildcards.startswith("method=toy_weak"):
@@ -301,6 +306,10 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
             assert not any("synth_brats" in path for path in inputs), (wildcards, inputs)
         if wildcards.startswith("method=toy_two_stage"):
             assert f"results/models/toy_two_stage/fold{fold}/pretrain.pt" in inputs
+        if wildcards.startswith("method=cddpm,"):
+            assert f"results/models/cddpm/fold{fold}/spark.pt" in inputs
+        else:
+            assert not any("spark.pt" in path for path in inputs), (wildcards, inputs)
     assert {w.split(",")[0] for w in trained} == {
         "method=ae", "method=ddpm", "method=toy_two_stage", "method=toy_weak",
         *(f"method={m}" for m in TRAINED_IN_TINY if m not in ("ae", "ddpm")),

@@ -568,6 +568,32 @@ class CDDPM(DDPM):
         reconstruction = ((predicted.float() + 1) / 2).view(k, *images.shape).mean(dim=0)
         return ScoreOutput(residual_map(images, reconstruction), reconstruction)
 
+    @torch.no_grad()
+    def unbatched_score(self, images: torch.Tensor, brainmask: torch.Tensor) -> ScoreOutput:
+        """The maps of :meth:`score` computed one slice and one noise level at a time (one
+        encoder call per slice, one UNet call per slice and t): the loop that the batched
+        scoring replaces, for benchmarks and tests. Equal to ``score`` for a single slice."""
+        generator = torch.Generator(device=images.device).manual_seed(self.score_seed)
+        was_training = self.training
+        self.eval()
+        try:
+            reconstructions = []
+            for i in range(images.shape[0]):
+                image = images[i : i + 1].float()
+                condition = self.encoder(image)
+                x0 = image * 2 - 1
+                total = torch.zeros_like(image)
+                for timestep in self.hparams["test_timesteps"]:
+                    t = torch.full((1,), timestep - 1, device=x0.device, dtype=torch.long)
+                    noise = self._draw_noise(x0, t, generator)
+                    noisy = self.scheduler.add_noise(x0, noise, t)
+                    total += (self(noisy, t, condition).float() + 1) / 2
+                reconstructions.append(total / len(self.hparams["test_timesteps"]))
+        finally:
+            self.train(was_training)
+        reconstruction = torch.cat(reconstructions)
+        return ScoreOutput(residual_map(images, reconstruction), reconstruction)
+
     # -- SparK -----------------------------------------------------------------------------
 
     def spark_loss(self, images: torch.Tensor) -> torch.Tensor:
