@@ -3,6 +3,8 @@ test_methods.py trains both stages through ``train_fold``, scores, saves and loa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_hparams import TINY_HPARAMS
@@ -18,6 +20,8 @@ from brainuad.methods.cddpm import (
     sparse_batch_norm,
     sparse_mode,
 )
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "config" / "tiny.yaml"
 
 
 def tiny(name: str = "cddpm", **overrides):
@@ -248,3 +252,17 @@ def test_invalid_hparams_are_named():
         tiny(spark_settings={"mask": 0.5})
     with pytest.raises(InputError, match="decoder_width"):
         tiny(spark_settings={"decoder_width": 24})
+
+
+def test_benchmarks_time_the_spark_stage_and_the_three_scoring_loops(capsys):
+    from brainuad.bench import scoring, steps
+
+    steps.main(
+        ["--config", str(TINY_CONFIG), "--methods", "cddpm", "--batch", "2", "--repeats", "1"]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cddpm")]
+    assert [row.split("|")[2].strip() for row in rows] == ["cddpm (spark)", "cddpm"]
+    method = tiny()
+    rates = scoring.scoring_rates(method, torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32), 1)
+    assert set(rates) == {"batched", "per slice", "per evaluation"}
+    assert all(rate > 0 for rate in rates.values())

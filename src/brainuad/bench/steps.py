@@ -1,12 +1,13 @@
 """One training step per configured method, at the sizes of a study config.
 
-Run as ``python -m brainuad.bench.steps [--config config/paper.yaml] [--batch N] [--threads 1]``.
-Builds every trained method of the config with its ``model`` hyperparameters, its inputs
-and working size (``inputs``, ``size``, default the config's slice size), and times one
-training step of its final stage (forward, backward, optimiser) on random slices in
-[0, 1]: the minimum over ``--repeats`` steps after one warm-up step. The batch is the
-method's configured ``training.batch_size`` unless ``--batch`` overrides it (paper-sized
-batches take minutes per step on a CPU). Prints a Markdown table.
+Run as ``python -m brainuad.bench.steps [--config config/paper.yaml] [--batch N] [--threads 1]
+[--methods NAME ...]``. Builds every trained method of the config (or those named) with its
+``model`` hyperparameters, its inputs and working size (``inputs``, ``size``, default the
+config's slice size), and times one training step of each of its stages (forward,
+backward, the stage's optimiser; earlier stages such as cDDPM's SparK get a row of their
+own) on random slices in [0, 1]: the minimum over ``--repeats`` steps after one warm-up
+step. The batch is the method's configured ``training.batch_size`` unless ``--batch``
+overrides it (paper-sized batches take minutes per step on a CPU). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from brainuad.methods import build_method, method_class
 from brainuad.methods.base import FINAL_STAGE
 
 
-def step_seconds(config: dict, name: str, batch: int | None, repeats: int) -> tuple[int, float]:
-    """(batch, minimum seconds) of one final-stage training step of ``methods.<name>``."""
+def step_seconds(
+    config: dict, name: str, batch: int | None, repeats: int, stage: str = FINAL_STAGE
+) -> tuple[int, float]:
+    """(batch, minimum seconds) of one training step of ``stage`` of ``methods.<name>``."""
     spec = config["methods"][name]
     size = int(spec.get("size") or config["slices"]["size"])
     channels = len(method_inputs(config, name))
@@ -33,7 +36,7 @@ def step_seconds(config: dict, name: str, batch: int | None, repeats: int) -> tu
     method = build_method(
         spec.get("method", name), **{"in_channels": channels, **spec.get("model", {})}
     )
-    optimizer = method.configure_optimizer(1e-4, FINAL_STAGE)
+    optimizer = method.configure_optimizer(1e-4, stage)
     data = {
         "image": torch.rand(batch, channels, size, size),
         "brainmask": torch.ones(batch, 1, size, size),
@@ -42,7 +45,7 @@ def step_seconds(config: dict, name: str, batch: int | None, repeats: int) -> tu
 
     def step() -> None:
         optimizer.zero_grad()
-        method.stage_loss(FINAL_STAGE, data).backward()
+        method.stage_loss(stage, data).backward()
         optimizer.step()
 
     return batch, time_calls(step, repeats)[0]
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="*", default=None, help="study names (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(args.config.read_text())
@@ -62,20 +66,26 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     seen = set()
     for name, spec in config["methods"].items():
+        if args.methods is not None and name not in args.methods:
+            continue
         implementation = spec.get("method", name)
         # Variants that differ only in the sequence read (t1/t2) cost the same.
         identity = yaml.safe_dump([implementation, spec.get("model"), spec.get("size")])
         if not method_class(implementation).stages or identity in seen:
             continue
         seen.add(identity)
-        batch, seconds = step_seconds(config, name, args.batch, args.repeats)
         size = int(spec.get("size") or config["slices"]["size"])
         method = build_method(implementation, **spec.get("model", {}))
-        parameters = sum(p.numel() for p in method.parameters())
-        print(
-            f"| {name} | {implementation} | {size} | {batch} | {parameters / 1e6:.1f} M "
-            f"| {seconds:.2f} |"
-        )
+        for stage in method_class(implementation).stages:
+            batch, seconds = step_seconds(config, name, args.batch, args.repeats, stage.name)
+            parameters = sum(p.numel() for p in method.stage_parameters(stage.name))
+            label = (
+                implementation if stage.name == FINAL_STAGE else f"{implementation} ({stage.name})"
+            )
+            print(
+                f"| {name} | {label} | {size} | {batch} | {parameters / 1e6:.1f} M "
+                f"| {seconds:.2f} |"
+            )
 
 
 if __name__ == "__main__":
