@@ -254,7 +254,7 @@ def test_invalid_hparams_are_named():
         tiny(spark_settings={"decoder_width": 24})
 
 
-def test_benchmarks_time_the_spark_stage_and_the_three_scoring_loops(capsys):
+def test_benchmarks_time_the_spark_stage_and_the_per_evaluation_loop(capsys):
     from brainuad.bench import scoring, steps
 
     steps.main(
@@ -263,6 +263,11 @@ def test_benchmarks_time_the_spark_stage_and_the_three_scoring_loops(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cddpm")]
     assert [row.split("|")[2].strip() for row in rows] == ["cddpm (spark)", "cddpm"]
     method = tiny()
-    rates = scoring.scoring_rates(method, torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32), 1)
-    assert set(rates) == {"batched", "per slice", "per evaluation"}
-    assert all(rate > 0 for rate in rates.values())
+    images, mask = torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32)
+    batched, looped = scoring.scoring_seconds(method, images, mask, 1)
+    per_evaluation = scoring.unbatched_seconds(method, images, mask, 1)
+    assert batched > 0 and looped > 0 and per_evaluation > 0
+    assert (
+        scoring.unbatched_seconds(build_method("ddpm", **TINY_HPARAMS["ddpm"]), images, mask)
+        is None
+    )
