@@ -23,9 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
-TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "wolleb")
+TRAINED_IN_TINY = (
+    "ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "wolleb", "cddpm", "cddpm_nossl",
+)  # fmt: skip
 # Those trained on slice labels of a lesion cohort's train split, and the cohort.
 WEAK_IN_TINY = {"wolleb": "synth_brats"}
+# The earlier stages of the tiny study's methods (each its own train_stage job per fold).
+EARLIER_STAGES_IN_TINY = {"wolleb": "classifier", "cddpm": "spark"}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -291,19 +295,20 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
     cohort; every method is scored on the same test subjects' splits files."""
     result = toy_snakemake(tmp_path, TOY_METHODS, "-n")
     jobs = planned_jobs(result)
-    # toy_two_stage's pretraining and wolleb's classifier, 2 folds each.
-    assert jobs["train_stage"] == 4, jobs
+    # toy_two_stage's pretraining and the earlier stages of the shipped methods, 2 folds each.
+    earlier = {"toy_two_stage": "pretrain", **EARLIER_STAGES_IN_TINY}
+    assert jobs["train_stage"] == 2 * len(earlier), jobs
     trained = planned_job_inputs(result, "train_model")
     stages = planned_job_inputs(result, "train_stage")
     assert set(stages) == {
         f"method={method}, fold={k}, stage={stage}"
-        for method, stage in (("toy_two_stage", "pretrain"), ("wolleb", "classifier"))
+        for method, stage in earlier.items()
         for k in (0, 1)
     }
     weak = {"toy_weak": "synth_brats", **WEAK_IN_TINY}
     lesion_data = ["results/slices/synth_brats.h5", "results/splits/synth_brats.csv"]
     for wildcards, inputs in stages.items():
-        if wildcards.startswith("method=wolleb"):
+        if wildcards.split(",")[0].removeprefix("method=") in weak:
             assert inputs == lesion_data, (wildcards, inputs)
     for wildcards, inputs in trained.items():
         fold = wildcards.split("fold=")[1].split(",")[0]
@@ -312,10 +317,11 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
             assert [p for p in inputs if not p.endswith(".pt")] == lesion_data, inputs
         else:
             assert not any("synth_brats" in path for path in inputs), (wildcards, inputs)
-        if method == "toy_two_stage":
-            assert f"results/models/toy_two_stage/fold{fold}/pretrain.pt" in inputs
-        if method == "wolleb":
-            assert f"results/models/wolleb/fold{fold}/classifier.pt" in inputs
+        stage_files = [path for path in inputs if path.endswith(".pt")]
+        if method in earlier:
+            assert stage_files == [f"results/models/{method}/fold{fold}/{earlier[method]}.pt"]
+        else:
+            assert not stage_files, (wildcards, inputs)
     assert {w.split(",")[0] for w in trained} == {
         "method=ae", "method=ddpm", "method=toy_two_stage", "method=toy_weak",
         *(f"method={m}" for m in TRAINED_IN_TINY if m not in ("ae", "ddpm")),

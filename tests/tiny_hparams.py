@@ -11,6 +11,15 @@ DDPM_TINY = {
     "num_head_channels": 8,
     "norm_num_groups": 8,
 }
+# cDDPM at 32 px: ResNet-10 at 1/8 width without the max pool (stride 16: a 2 x 2 SparK grid).
+CDDPM_TINY = {
+    **DDPM_TINY,
+    "encoder": "resnet10",
+    "encoder_widen_factor": 0.125,
+    "encoder_max_pool": False,
+    "spark_settings": {"decoder_width": 16},
+}
+CDDPM_NOSSL_TINY = {k: v for k, v in CDDPM_TINY.items() if k != "spark_settings"}
 DAE_TINY = {"channels": (8, 16, 16), "norm_num_groups": 4}
 VAE_TINY = {"image_size": 32, "channels": (8, 16), "latent_size": 8}
 # Chains cut to every 100th timestep: 2 + 1 UNet evaluations per slice.
@@ -42,6 +51,8 @@ TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,
     "ddpm": DDPM_TINY,
     "autoddpm": AUTODDPM_TINY,
+    "cddpm": CDDPM_TINY,
+    "cddpm_nossl": CDDPM_NOSSL_TINY,
     "dae": DAE_TINY,
     "vae": VAE_TINY,
     "wolleb": WOLLEB_TINY,

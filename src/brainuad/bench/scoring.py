@@ -7,7 +7,10 @@ and times ``Method.score`` on ``--batch`` random slices in [0, 1] with a disc br
 once as one batch, once as a loop over the slices one at a time (the same maps, computed
 slice by slice), each the minimum over ``--repeats`` runs after a one-slice warm-up.
 ``--set`` overrides model hyperparameters (YAML values), e.g. shorter chains so a CPU run
-stays short; the table says which were used. Prints a Markdown row.
+stays short; the table says which were used. Prints a Markdown row. A method whose
+``score`` batches an ensemble inside each slice (cDDPM's noise levels) may also offer
+``unbatched_score(images, brainmask)``, the same maps one slice and one network evaluation
+at a time; it is then timed too (a second row, ``per evaluation``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,23 @@ def scoring_seconds(
         lambda: [method.score(images[i : i + 1], brainmask[i : i + 1]) for i in range(len(images))]
     )
     return batched, looped
+
+
+def unbatched_seconds(
+    method: Method, images: torch.Tensor, brainmask: torch.Tensor, repeats: int = 1
+) -> float | None:
+    """Minimum seconds of the method's ``unbatched_score`` loop over the slices of
+    ``images``, or None when it has none."""
+    unbatched = getattr(method, "unbatched_score", None)
+    if unbatched is None:
+        return None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(len(images)):
+            unbatched(images[i : i + 1], brainmask[i : i + 1])
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -96,6 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         f"| {args.method} | {size} | {args.batch} | {args.batch / batched:.3f} "
         f"| {args.batch / looped:.3f} | {looped / batched:.2f}x |"
     )
+    per_evaluation = unbatched_seconds(method, images, brainmask, args.repeats)
+    if per_evaluation is not None:
+        print(
+            f"| {args.method} (per evaluation) | {size} | {args.batch} "
+            f"| {args.batch / batched:.3f} | {args.batch / per_evaluation:.3f} "
+            f"| {per_evaluation / batched:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("config/paper.yaml"))
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--method", nargs="*", default=None, help="keys of the config's methods")
+    parser.add_argument(
+        "--method", "--methods", nargs="*", default=None, help="keys of the config's methods"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

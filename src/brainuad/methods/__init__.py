@@ -9,6 +9,7 @@ Importing this package registers every built-in method::
 from brainuad.methods import (  # noqa: F401  (registers them)
     ae,
     autoddpm,
+    cddpm,
     dae,
     ddpm,
     intensity,
