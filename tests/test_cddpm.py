@@ -261,7 +261,10 @@ def test_benchmarks_time_the_spark_stage_and_the_per_evaluation_loop(capsys):
         ["--config", str(TINY_CONFIG), "--methods", "cddpm", "--batch", "2", "--repeats", "1"]
     )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cddpm")]
-    assert [row.split("|")[2].strip() for row in rows] == ["cddpm (spark)", "cddpm"]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "cddpm (stage `spark`)",
+        "cddpm (stage `model`)",
+    ]
     method = tiny()
     images, mask = torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32)
     batched, looped = scoring.scoring_seconds(method, images, mask, 1)
