@@ -23,7 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
-TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae")
+TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "anofpdm", "ddib")
+# The weakly supervised ones: they train on synth_brats's train split.
+WEAK_IN_TINY = ("anofpdm", "ddib")
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -295,7 +297,7 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
     assert set(stages) == {f"method=toy_two_stage, fold={k}, stage=pretrain" for k in (0, 1)}
     for wildcards, inputs in trained.items():
         fold = wildcards.split("fold=")[1].split(",")[0]
-        if wildcards.startswith("method=toy_weak"):
+        if wildcards.split(",")[0] in {f"method={m}" for m in ("toy_weak", *WEAK_IN_TINY)}:
             assert inputs == ["results/slices/synth_brats.h5", "results/splits/synth_brats.csv"]
         else:
             assert not any("synth_brats" in path for path in inputs), (wildcards, inputs)

@@ -13,12 +13,22 @@ DDPM_TINY = {
 }
 DAE_TINY = {"channels": (8, 16, 16), "norm_num_groups": 4}
 VAE_TINY = {"image_size": 32, "channels": (8, 16), "latent_size": 8}
+CFG_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, False),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "num_inference_steps": 5,
+}
 TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,
     "ddpm": DDPM_TINY,
     "dae": DAE_TINY,
     "vae": VAE_TINY,
     "intensity": {},
+    "anofpdm": {**CFG_TINY, "t_max": 400},
+    "ddib": {**CFG_TINY, "encode_timestep": 400},
     # tests/toy_methods.py
     "toy_two_stage": {},
     "toy_weak": {},

@@ -6,7 +6,15 @@ Importing this package registers every built-in method::
     method = build_method("ddpm", channels=(32, 64, 64))
 """
 
-from brainuad.methods import ae, dae, ddpm, intensity, vae  # noqa: F401  (registers them)
+from brainuad.methods import (  # noqa: F401  (registers them)
+    ae,
+    anofpdm,
+    dae,
+    ddib,
+    ddpm,
+    intensity,
+    vae,
+)
 from brainuad.methods.base import Method, ScoreOutput
 from brainuad.methods.registry import (
     available_methods,
