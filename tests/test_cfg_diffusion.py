@@ -323,17 +323,20 @@ def test_selection_reads_no_pixel_label(tmp_path, monkeypatch):
 
     monkeypatch.setattr(h5py.Group, "__getitem__", spy)
     method = fpdm(t_max=400)
-    entry = selection_from_slices(method, path, ["sub-0", "sub-1"], sequences=["t2", "flair"])
+    sources = [(path, ["sub-0", "sub-1"])]
+    entry = selection_from_slices(method, sources, sequences=["t2", "flair"])
     monkeypatch.undo()
     assert "images" in opened and "seg" not in opened
-    assert entry["uses_pixel_labels"] is False and entry["n_lesion_slices"] == 4
+    chosen_on = entry["chosen_on"]
+    assert chosen_on["uses_pixel_labels"] is False and chosen_on["n_lesion_slices"] == 4
+    assert chosen_on["read"] == ["images", "label"] and chosen_on["split"] == "val"
     out = tmp_path / "selection.json"
-    write_selection(out, entry, slice_file=path)
+    write_selection(out, entry)
     record = json.loads(out.read_text())
     assert set(record["constants"]) >= {"thr_cos", "diff_max"}
-    assert len(record["constants"]["diff_max"]) == 2 and record["read"] == ["images", "label"]
+    assert len(record["constants"]["diff_max"]) == 2 and "provenance" in record
     # Changing the pixel labels changes nothing.
     with h5py.File(path, "r+") as f:
         f["seg"][...] = 1 - f["seg"][...]
-    again = selection_from_slices(method, path, ["sub-0", "sub-1"], sequences=["t2", "flair"])
+    again = selection_from_slices(method, sources, sequences=["t2", "flair"])
     assert again["constants"] == entry["constants"]

@@ -373,59 +373,103 @@ def slice_thresholds(
 
 def selection_from_slices(
     method: AnoFPDM,
-    slice_file: str | os.PathLike,
-    subjects: Sequence[str],
+    sources: Sequence[tuple[str | os.PathLike, Sequence[str]]],
     *,
     sequences: Sequence[str] | None = None,
+    size: int | None = None,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Select AnoFPDM's constants on the slices of ``subjects`` (a validation split).
+    """Select AnoFPDM's constants on validation slices: ``sources`` are (slice file, subjects
+    of its validation split) pairs, pooled.
 
-    Reads only the ``images`` of the slice file and its slice ``label`` column (never
-    ``seg``, the pixel labels), scores them with ``method`` and returns the entry
+    Reads only the ``images`` of each slice file and its slice ``label`` column (never
+    ``seg``, the pixel labels), scores them with ``method`` (the channels ``sequences``,
+    resampled to the method's working ``size``) and returns the entry
     :func:`write_selection` records.
     """
     from brainuad.slices.hdf5 import SliceFile
+    from brainuad.slices.resize import resize_image
 
-    slices = SliceFile(slice_file)
-    rows = slices.rows_for_subjects(subjects)
-    channels = slices.channel_indices(sequences)
     device = next(method.parameters()).device
-    cosine, max_diff = [], []
-    for start in range(0, len(rows), batch_size):
-        batch_rows = rows[start : start + batch_size]
-        images = read_rows(slices.file["images"], batch_rows)[:, channels]
-        with torch.no_grad():
-            was_training = method.training
-            method.eval()
-            stats = method.forward_process(torch.from_numpy(images).to(device))
-            method.train(was_training)
-        cosine.append(stats.cosine.cpu())
-        max_diff.append(stats.max_diff.cpu())
-    slices.close()
-    labels = torch.from_numpy(slices.labels[rows].astype(np.int64))
-    constants = select_constants(torch.cat(cosine), torch.cat(max_diff), labels)
+    was_training = method.training
+    method.eval()
+    cosine, max_diff, labels, read_from = [], [], [], []
+    try:
+        for slice_file, subjects in sources:
+            slices = SliceFile(slice_file)
+            rows = slices.rows_for_subjects(subjects)
+            channels = slices.channel_indices(sequences)
+            for start in range(0, len(rows), batch_size):
+                batch_rows = rows[start : start + batch_size]
+                images = torch.from_numpy(read_rows(slices.file["images"], batch_rows))
+                images = images[:, channels]
+                if size is not None:
+                    images = resize_image(images, size)
+                with torch.no_grad():
+                    stats = method.forward_process(images.to(device))
+                cosine.append(stats.cosine.cpu())
+                max_diff.append(stats.max_diff.cpu())
+            slices.close()
+            labels.append(torch.from_numpy(slices.labels[rows].astype(np.int64)))
+            read_from.append(
+                {"slice_file": str(slice_file), "subjects": sorted(subjects), "slices": len(rows)}
+            )
+    finally:
+        method.train(was_training)
+    all_labels = torch.cat(labels)
+    constants = select_constants(torch.cat(cosine), torch.cat(max_diff), all_labels)
     return {
         "constants": constants,
         "hparams": {
             key: method.hparams[key]
             for key in ("guidance_scale", "t_max", "num_inference_steps", "map_channels")
         },
-        "n_slices": len(rows),
-        "n_lesion_slices": int(labels.sum()),
-        "subjects": sorted(subjects),
-        "read": ["images", "label"],
-        "uses_pixel_labels": False,
+        "chosen_on": {
+            "split": "val",
+            "sources": read_from,
+            "n_slices": len(all_labels),
+            "n_lesion_slices": int(all_labels.sum()),
+            "read": ["images", "label"],
+            "uses_pixel_labels": False,
+            "uses_test_data": False,
+        },
     }
 
 
-def write_selection(
-    path: str | os.PathLike, entry: dict[str, Any], *, slice_file: str | os.PathLike
-) -> None:
-    """Write ``selection.json``: the constants, what was read and provenance, atomically."""
-    record = {**entry, "slice_file": str(slice_file), "provenance": provenance()}
+def write_selection(path: str | os.PathLike, entry: dict[str, Any]) -> None:
+    """Write ``selection.json``: the constants, what they were chosen on, and provenance."""
+    record = {**entry, "provenance": provenance()}
     with atomic_path(Path(path)) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def select_for_fold(
+    *,
+    model_path: str | os.PathLike,
+    sources: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
+    fold: int,
+    out_path: str | os.PathLike,
+    inputs: Sequence[str] | None = None,
+    size: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """The workflow's entry point: load a trained ``anofpdm`` model, select its constants on
+    the ``val`` subjects of fold ``fold`` of each (slice file, splits file) in ``sources``,
+    and write ``selection.json`` to ``out_path``."""
+    from brainuad.methods.base import Method
+    from brainuad.slices.splits import subjects_in
+    from brainuad.training.device import resolve_device
+
+    method = Method.load(model_path)
+    if not isinstance(method, AnoFPDM):
+        raise InputError(f"{model_path}: method {method.name!r}, expected an anofpdm model")
+    method.to(resolve_device(device))
+    pairs = [(slices, subjects_in(splits, fold=fold, split="val")) for slices, splits in sources]
+    entry = selection_from_slices(method, pairs, sequences=inputs, size=size, batch_size=batch_size)
+    entry["model"] = str(model_path)
+    write_selection(out_path, entry)
+    return entry
 
 
 __all__ = [
@@ -433,6 +477,7 @@ __all__ = [
     "ForwardProcessAggregator",
     "ForwardProcessStatistics",
     "select_constants",
+    "select_for_fold",
     "selection_from_slices",
     "slice_thresholds",
     "write_selection",
