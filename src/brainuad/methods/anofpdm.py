@@ -33,7 +33,7 @@ The aggregation is a stream (:class:`ForwardProcessAggregator`): a running prefi
 maximum, so the memory does not grow with ``t_max`` (the reference keeps every step).
 
 Label-free constants (:func:`select_constants`, :func:`selection_from_slices`,
-:func:`write_selection`): ``thr_cos``, the quantile of the healthy validation slices' cosine
+:func:`select_for_fold`): ``thr_cos``, the quantile of the healthy validation slices' cosine
 similarities in linspace(0.005, 0.095, 100) that misclassifies the fewest validation slices,
 and ``diff_max``, the largest max_t D_t over lesion validation slices, per channel
 (``obtain_hyperpara.py``, ``cal_cos_and_abe_range``); from validation images and slice labels
@@ -43,8 +43,9 @@ round(clamp(max_t D_t / diff_max, 0, 1), 2) · 100, and the slice is called a le
 its cosine similarity ≤ ``thr_cos`` (``get_mask_batch_FPDM``).
 
 ``score`` returns the continuous map, so the study's shared calibration and metrics apply to
-AnoFPDM as to every method; the per-slice thresholds and decisions are an extra protocol
-(functions here, not wired into the workflow).
+AnoFPDM as to every method. The workflow's ``select_anofpdm_constants`` rule writes each
+fold's ``selection.json`` (:func:`select_for_fold`); the per-slice thresholds and decisions
+(:func:`slice_thresholds`) are not yet used by any table.
 
 Deviations from the reference:
 - The inversion and the x̂0 estimates use the same (x_t, t): the reference evaluates the
