@@ -45,6 +45,30 @@ rule calibrate_threshold:
         "../workflow_scripts/calibrate_threshold.py"
 
 
+rule select_anofpdm_constants:
+    input:
+        unpack(selection_inputs),
+    output:
+        "results/calibration/{method}/fold{fold}/selection.json",
+    log:
+        "logs/select_anofpdm_constants/{method}/fold{fold}.log",
+    benchmark:
+        "benchmarks/select_anofpdm_constants/{method}/fold{fold}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=runtime_per_attempt(30),
+    params:
+        datasets=selection_datasets,
+        batch_size=score_batch_size,
+        score_config=score_config,
+        device=config.get("device", "auto"),
+    script:
+        "../workflow_scripts/select_anofpdm_constants.py"
+
+
 rule subject_metrics:
     input:
         unpack(feature_weights),

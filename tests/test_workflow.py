@@ -25,9 +25,10 @@ TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
 TRAINED_IN_TINY = (
     "ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "wolleb", "cddpm", "cddpm_nossl",
+    "anofpdm", "ddib",
 )  # fmt: skip
 # Those trained on slice labels of a lesion cohort's train split, and the cohort.
-WEAK_IN_TINY = {"wolleb": "synth_brats"}
+WEAK_IN_TINY = {"wolleb": "synth_brats", "anofpdm": "synth_brats", "ddib": "synth_brats"}
 # The earlier stages of the tiny study's methods (each its own train_stage job per fold).
 EARLIER_STAGES_IN_TINY = {"wolleb": "classifier", "cddpm": "spark"}
 

@@ -47,6 +47,14 @@ WOLLEB_TINY = {
     "classifier_norm_num_groups": 8,
     "ddim_steps": 2,
 }
+CFG_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, False),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "num_inference_steps": 5,
+}
 TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,
     "ddpm": DDPM_TINY,
@@ -57,6 +65,8 @@ TINY_HPARAMS: dict[str, dict] = {
     "vae": VAE_TINY,
     "wolleb": WOLLEB_TINY,
     "intensity": {},
+    "anofpdm": {**CFG_TINY, "t_max": 400},
+    "ddib": {**CFG_TINY, "encode_timestep": 400},
     # tests/toy_methods.py
     "toy_two_stage": {},
     "toy_weak": {},

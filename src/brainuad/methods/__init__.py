@@ -8,9 +8,11 @@ Importing this package registers every built-in method::
 
 from brainuad.methods import (  # noqa: F401  (registers them)
     ae,
+    anofpdm,
     autoddpm,
     cddpm,
     dae,
+    ddib,
     ddpm,
     intensity,
     vae,
