@@ -126,15 +126,17 @@ def synthetic_lesion(wildcards):
 
 def dataset_spec(wildcards):
     """What the subject sheet is discovered from (only that, so that changing e.g. the
-    dataset's preprocessing does not rewrite its sheet): source, folder, size, lesion.
+    dataset's preprocessing does not rewrite its sheet): source, folder, size, lesion,
+    layout options.
     """
     spec = config["datasets"][wildcards.dataset]
+    # `layout` only where set: the params of existing sheets stay as they were (no rerun).
     return {
         "source": spec["source"],
         "path": dataset_path(config, wildcards.dataset),
         "n_subjects": spec.get("n_subjects"),
         "lesion": spec["lesion"],
-    }
+    } | ({"layout": spec["layout"]} if spec.get("layout") else {})
 
 
 def dataset_sequences_of_wildcard(wildcards):
@@ -369,6 +371,36 @@ def calibration_lesion_datasets(wildcards):
     return []
 
 
+def selection_datasets(wildcards):
+    """The lesion cohorts an `anofpdm` method trained on: their val subjects (slice labels
+    only) choose its constants (brainuad.methods.anofpdm.select_constants)."""
+    return [
+        dataset
+        for dataset in training_datasets(wildcards.method, FINAL_STAGE)
+        if dataset != HEALTHY_DATASET
+    ]
+
+
+def selection_inputs(wildcards):
+    """The trained model, and slices and splits of each of its selection_datasets."""
+    inputs = {
+        "model": f"results/models/{wildcards.method}/fold{wildcards.fold}/model.pt"
+    }
+    for dataset in selection_datasets(wildcards):
+        inputs[f"slices__{dataset}"] = f"results/slices/{dataset}.h5"
+        inputs[f"splits__{dataset}"] = f"results/splits/{dataset}.csv"
+    return inputs
+
+
+def selection_files():
+    """selection.json of every method implemented by `anofpdm`, every fold."""
+    return expand(
+        "results/calibration/{method}/fold{fold}/selection.json",
+        method=[m for m in METHODS if implementation_of(m) == "anofpdm"],
+        fold=FOLDS,
+    )
+
+
 def feature_weights(wildcards):
     """evaluation.lpips_weights / inception_weights as inputs of subject_metrics when set,
     so that a missing or replaced weights file is seen when the DAG is built."""
@@ -450,7 +482,11 @@ def data_targets():
 
 
 def all_targets():
-    return data_targets() + [
-        "results/tables/main.md",
-        *(f"results/figures/{name}.png" for name in FIGURES),
-    ]
+    return (
+        data_targets()
+        + selection_files()
+        + [
+            "results/tables/main.md",
+            *(f"results/figures/{name}.png" for name in FIGURES),
+        ]
+    )

@@ -35,8 +35,9 @@ def synthetic_metadata(wildcards):
 
 
 def lesion_volume_qc_targets():
+    """The synthetic lesion cohorts' volume QC (a real dataset has no generation record)."""
     return expand(
         "results/qc/lesion_volumes/{dataset}.{ext}",
-        dataset=LESION_DATASETS,
+        dataset=[d for d in LESION_DATASETS if d in SYNTHETIC_DATASETS],
         ext=("md", "png"),
     )

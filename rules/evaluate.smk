@@ -2,15 +2,16 @@
 # per-subject 3D metrics on the test splits.
 
 
-rule score_split:
+rule score_dataset:
     input:
         unpack(score_inputs),
     output:
-        "results/scores/{method}/fold{fold}/{dataset}_{split}.h5",
+        val="results/scores/{method}/fold{fold}/{dataset}_val.h5",
+        test="results/scores/{method}/fold{fold}/{dataset}_test.h5",
     log:
-        "logs/score_split/{method}/fold{fold}/{dataset}_{split}.log",
+        "logs/score_dataset/{method}/fold{fold}/{dataset}.log",
     benchmark:
-        "benchmarks/score_split/{method}/fold{fold}/{dataset}_{split}.tsv"
+        "benchmarks/score_dataset/{method}/fold{fold}/{dataset}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -22,7 +23,7 @@ rule score_split:
         score_config=score_config,
         device=config.get("device", "auto"),
     script:
-        "../workflow_scripts/score_split.py"
+        "../workflow_scripts/score_dataset.py"
 
 
 rule calibrate_threshold:
@@ -42,6 +43,30 @@ rule calibrate_threshold:
         postprocess=postprocess_config,
     script:
         "../workflow_scripts/calibrate_threshold.py"
+
+
+rule select_anofpdm_constants:
+    input:
+        unpack(selection_inputs),
+    output:
+        "results/calibration/{method}/fold{fold}/selection.json",
+    log:
+        "logs/select_anofpdm_constants/{method}/fold{fold}.log",
+    benchmark:
+        "benchmarks/select_anofpdm_constants/{method}/fold{fold}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=runtime_per_attempt(30),
+    params:
+        datasets=selection_datasets,
+        batch_size=score_batch_size,
+        score_config=score_config,
+        device=config.get("device", "auto"),
+    script:
+        "../workflow_scripts/select_anofpdm_constants.py"
 
 
 rule subject_metrics:

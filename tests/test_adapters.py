@@ -35,8 +35,8 @@ SEQUENCES = {
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("layouts")
     folders = {}
-    for source, write in WRITERS.items():
-        write(base / source, n_subjects=3 if source == "ixi" else 2, seed=1)
+    for source in SEQUENCES:
+        WRITERS[source](base / source, n_subjects=3 if source == "ixi" else 2, seed=1)
         folders[source] = base / source
     return folders
 

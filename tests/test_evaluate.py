@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +242,16 @@ def test_thresholds_for_dataset_keeps_own_best_dice_only() -> None:
         "best_dice_val": {"threshold": 0.3},
     }
     assert thresholds_for_dataset(record, "ixi") == {"healthy_fpr_5": {"threshold": 0.5}}
+
+
+def test_metrics_job_runs_without_importing_torch() -> None:
+    """The per-dataset metrics jobs are many; their imports stay off torch (seconds of
+    start-up per job otherwise)."""
+    script = Path(__file__).parents[1] / "workflow_scripts" / "subject_metrics.py"
+    imports = "\n".join(
+        line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))
+    )
+    probe = f"{imports}\nimport sys\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -11,7 +11,7 @@ PROFILES = [ROOT / "slurm" / "config.v8+.yaml", ROOT / "profiles" / "gpu" / "con
 
 def test_network_rules_are_found_by_what_their_scripts_do():
     rules = network_rules()
-    assert {"train_model", "train_stage", "score_split"} <= rules
+    assert {"train_model", "train_stage", "score_dataset"} <= rules
     assert "subject_metrics" in rule_scripts() and "subject_metrics" not in rules
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tiny_hparams import AE_TINY, DDPM_TINY
@@ -13,8 +14,9 @@ from brainuad.errors import InputError
 from brainuad.io.scores import ScoresFile
 from brainuad.methods import build_method
 from brainuad.provenance import seed_everything
-from brainuad.scoring import score_split
+from brainuad.scoring import score_dataset_splits, score_split
 from brainuad.slices.hdf5 import SliceFile, SliceWriter
+from brainuad.slices.splits import write_splits
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,38 @@ def test_rows_out_of_range(slices, tmp_path):
             progress=False,
         )
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_dataset_job_scores_each_split_of_its_fold(slices, tmp_path):
+    """One scoring job writes the val and the test scores of a fold from one model file:
+    each file holds exactly the rows of its split's subjects; a split without a subject
+    is refused before any file is written."""
+    seed_everything(0)
+    model = tmp_path / "model.pt"
+    build_method("ae", in_channels=2, **AE_TINY).save(model)
+    splits = tmp_path / "splits.csv"
+    write_splits(
+        pd.DataFrame(
+            {"subject": ["sub-0", "sub-1", "sub-2"], "split": ["train", "val", "test"], "fold": 0}
+        ),
+        splits,
+    )
+    outs = {"val": tmp_path / "val.h5", "test": tmp_path / "test.h5"}
+    common = dict(
+        model_path=model, slice_path=slices, splits_path=splits, fold=0, batch_size=3,
+        device="cpu",
+    )  # fmt: skip
+    summaries = score_dataset_splits(out_paths=outs, **common)
+    assert set(summaries) == {"val", "test"}
+    np.testing.assert_array_equal(ScoresFile(outs["val"]).rows, [4, 5, 6, 7])
+    np.testing.assert_array_equal(ScoresFile(outs["test"]).rows, [8, 9, 10, 11])
+    assert ScoresFile(outs["test"]).attrs["split"] == "test"
+
+    write_splits(
+        pd.DataFrame({"subject": ["sub-0", "sub-1", "sub-2"], "split": "test", "fold": 0}),
+        splits,
+    )
+    empty = {"val": tmp_path / "val2.h5", "test": tmp_path / "test2.h5"}
+    with pytest.raises(InputError, match="no subject in split 'val'"):
+        score_dataset_splits(out_paths=empty, **common)
+    assert not any(path.exists() for path in empty.values())

@@ -23,7 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
-TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "pddpm", "anoddpm")
+TRAINED_IN_TINY = (
+    "ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "wolleb", "cddpm", "cddpm_nossl",
+    "anofpdm", "ddib", "pddpm", "anoddpm",
+)  # fmt: skip
+# Those trained on slice labels of a lesion cohort's train split, and the cohort.
+WEAK_IN_TINY = {"wolleb": "synth_brats", "anofpdm": "synth_brats", "ddib": "synth_brats"}
+# The earlier stages of the tiny study's methods (each its own train_stage job per fold).
+EARLIER_STAGES_IN_TINY = {"wolleb": "classifier", "cddpm": "spark"}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -72,7 +79,7 @@ def test_default_config_dry_run_spans_generation_to_slices(tmp_path: Path) -> No
     run("subjects", "--cores", "2")
     jobs = planned_jobs(run("-n"))
     for rule in ("generate_synthetic_subject", "preprocess_subject", "extract_slices",
-                 "make_splits", "train_model", "score_split", "subject_metrics"):  # fmt: skip
+                 "make_splits", "train_model", "score_dataset", "subject_metrics"):  # fmt: skip
         assert jobs.get(rule, 0) > 0, (rule, jobs)
 
 
@@ -142,7 +149,7 @@ def test_deleted_fold_retrains_only_that_fold(tiny_study: Path) -> None:
         result = snakemake(tiny_study, "-n", "results/metrics/ae/fold1/synth_brats.csv")
         jobs = planned_jobs(result)
         assert jobs.get("train_model") == 1, jobs
-        assert set(jobs) == {"train_model", "score_split", "calibrate_threshold",
+        assert set(jobs) == {"train_model", "score_dataset", "calibrate_threshold",
                              "subject_metrics"}, jobs  # fmt: skip
         assert "results/models/ae/fold1/model.pt" in result.stdout
         assert "fold0" not in result.stdout and "ddpm" not in result.stdout
@@ -289,24 +296,39 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
     cohort; every method is scored on the same test subjects' splits files."""
     result = toy_snakemake(tmp_path, TOY_METHODS, "-n")
     jobs = planned_jobs(result)
-    assert jobs["train_stage"] == 2, jobs  # toy_two_stage's pretraining, 2 folds
+    # toy_two_stage's pretraining and the earlier stages of the shipped methods, 2 folds each.
+    earlier = {"toy_two_stage": "pretrain", **EARLIER_STAGES_IN_TINY}
+    assert jobs["train_stage"] == 2 * len(earlier), jobs
     trained = planned_job_inputs(result, "train_model")
     stages = planned_job_inputs(result, "train_stage")
-    assert set(stages) == {f"method=toy_two_stage, fold={k}, stage=pretrain" for k in (0, 1)}
+    assert set(stages) == {
+        f"method={method}, fold={k}, stage={stage}"
+        for method, stage in earlier.items()
+        for k in (0, 1)
+    }
+    weak = {"toy_weak": "synth_brats", **WEAK_IN_TINY}
+    lesion_data = ["results/slices/synth_brats.h5", "results/splits/synth_brats.csv"]
+    for wildcards, inputs in stages.items():
+        if wildcards.split(",")[0].removeprefix("method=") in weak:
+            assert inputs == lesion_data, (wildcards, inputs)
     for wildcards, inputs in trained.items():
         fold = wildcards.split("fold=")[1].split(",")[0]
-        if wildcards.startswith("method=toy_weak"):
-            assert inputs == ["results/slices/synth_brats.h5", "results/splits/synth_brats.csv"]
+        method = wildcards.split(",")[0].removeprefix("method=")
+        if method in weak:
+            assert [p for p in inputs if not p.endswith(".pt")] == lesion_data, inputs
         else:
             assert not any("synth_brats" in path for path in inputs), (wildcards, inputs)
-        if wildcards.startswith("method=toy_two_stage"):
-            assert f"results/models/toy_two_stage/fold{fold}/pretrain.pt" in inputs
+        stage_files = [path for path in inputs if path.endswith(".pt")]
+        if method in earlier:
+            assert stage_files == [f"results/models/{method}/fold{fold}/{earlier[method]}.pt"]
+        else:
+            assert not stage_files, (wildcards, inputs)
     assert {w.split(",")[0] for w in trained} == {
         "method=ae", "method=ddpm", "method=toy_two_stage", "method=toy_weak",
         *(f"method={m}" for m in TRAINED_IN_TINY if m not in ("ae", "ddpm")),
     }  # fmt: skip
     # The training-free baseline is scored without a model file.
-    scored = planned_job_inputs(result, "score_split")
+    scored = planned_job_inputs(result, "score_dataset")
     intensity = [inputs for w, inputs in scored.items() if w.startswith("method=intensity")]
     assert intensity and all(not any(".pt" in p for p in i) for i in intensity)
 

@@ -60,8 +60,8 @@ def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("datasets_study")
-    for source, write in WRITERS.items():
-        write(base / "data" / source, n_subjects=4 if source == "ixi" else 2, seed=2)
+    for source, *_ in DATASETS.values():
+        WRITERS[source](base / "data" / source, n_subjects=4 if source == "ixi" else 2, seed=2)
     configfile = base / "config.yaml"
     configfile.write_text(yaml.safe_dump(study_config(base / "data")))
     targets = [

@@ -11,6 +11,15 @@ DDPM_TINY = {
     "num_head_channels": 8,
     "norm_num_groups": 8,
 }
+# cDDPM at 32 px: ResNet-10 at 1/8 width without the max pool (stride 16: a 2 x 2 SparK grid).
+CDDPM_TINY = {
+    **DDPM_TINY,
+    "encoder": "resnet10",
+    "encoder_widen_factor": 0.125,
+    "encoder_max_pool": False,
+    "spark_settings": {"decoder_width": 16},
+}
+CDDPM_NOSSL_TINY = {k: v for k, v in CDDPM_TINY.items() if k != "spark_settings"}
 DAE_TINY = {"channels": (8, 16, 16), "norm_num_groups": 4}
 PDDPM_TINY = {**DDPM_TINY, "patch_size": 16}
 ANODDPM_TINY = {
@@ -35,15 +44,41 @@ AUTODDPM_TINY = {
     "inpaint_timestep": 100,
     "resample_steps": 1,
 }
+WOLLEB_TINY = {
+    "image_size": 32,
+    "channels": (8, 16),
+    "attention_levels": (False, True),
+    "num_res_blocks": 1,
+    "norm_num_groups": 8,
+    "classifier_channels": (8, 16),
+    "classifier_attention_levels": (False, True),
+    "classifier_num_res_blocks": 1,
+    "classifier_num_head_channels": 8,
+    "classifier_norm_num_groups": 8,
+    "ddim_steps": 2,
+}
+CFG_TINY = {
+    "channels": (8, 16),
+    "attention_levels": (False, False),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "num_inference_steps": 5,
+}
 TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,
     "ddpm": DDPM_TINY,
     "autoddpm": AUTODDPM_TINY,
+    "cddpm": CDDPM_TINY,
+    "cddpm_nossl": CDDPM_NOSSL_TINY,
     "dae": DAE_TINY,
     "pddpm": PDDPM_TINY,
     "anoddpm": ANODDPM_TINY,
     "vae": VAE_TINY,
+    "wolleb": WOLLEB_TINY,
     "intensity": {},
+    "anofpdm": {**CFG_TINY, "t_max": 400},
+    "ddib": {**CFG_TINY, "encode_timestep": 400},
     # tests/toy_methods.py
     "toy_two_stage": {},
     "toy_weak": {},

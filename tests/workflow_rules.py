@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _RULE = re.compile(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", re.MULTILINE | re.DOTALL)
 _SCRIPT = re.compile(r'script:\s*\n\s*"\.\./(workflow_scripts/[\w.]+)"')
 # What a script does when it runs a network: trains a stage or scores a method.
-_NETWORK_ENTRY_POINTS = ("brainuad.training.fold", "brainuad.scoring")
+_NETWORK_ENTRY_POINTS = ("brainuad.training.fold", "brainuad.scoring", "brainuad.methods.anofpdm")
 
 
 def rule_scripts() -> dict[str, Path]:

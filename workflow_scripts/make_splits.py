@@ -1,25 +1,27 @@
-"""Write the subject-level splits of one dataset."""
+"""Write the subject-level splits of one dataset: the download's own folds where its sheet
+carries them (``release_split``, cddpm_release) and ``splits.source`` allows, else drawn."""
 
-from brainuad.slices.splits import healthy_splits, lesion_splits, write_splits
+from brainuad.data.sheet import RELEASE_SPLIT, read_sheet
+from brainuad.slices.splits import dataset_splits, write_splits
 from brainuad.workflow import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
     params = snakemake.params
-    options = params.splits
-    if params.healthy:
-        table = healthy_splits(
-            params.subjects,
-            n_folds=options["n_folds"],
-            test_fraction=options.get("healthy_test_fraction", 0.25),
-            seed=params.seed,
-        )
-    else:
-        table = lesion_splits(
-            params.subjects,
-            n_folds=options["n_folds"],
-            val_fraction=options.get("lesion_val_fraction", 0.3),
-            train_fraction=options.get("lesion_train_fraction", 0.0),
-            seed=params.seed,
-        )
+    sheet = read_sheet(snakemake.input.sheet)
+    release = (
+        dict(zip(sheet["subject"], sheet[RELEASE_SPLIT], strict=True))
+        if RELEASE_SPLIT in sheet.columns
+        else None
+    )
+    table = dataset_splits(
+        params.subjects,
+        release=release,
+        healthy=params.healthy,
+        options=params.splits,
+        seed=params.seed,
+        where=str(snakemake.input.sheet),
+    )
+    if release is not None:
+        log.info("the download ships folds; splits.source: %s", params.splits.get("source", "auto"))
     write_splits(table, snakemake.output[0])
     log.info("splits:\n%s", table.groupby(["fold", "split"]).size())

@@ -14,6 +14,7 @@ with rule_logging(snakemake.log[0], threads=snakemake.threads) as log:
         file_pattern=snakemake.params.file_pattern,
         same_grid=snakemake.params.same_grid,
         threads=snakemake.threads,
+        layout=spec.get("layout") or None,
     )
     write_sheet(sheet.table, snakemake.output[0])
     log.info("%s: %d subjects in the sheet", snakemake.wildcards.dataset, len(sheet.table))

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from brainuad.config import ConfigError, check_config
+from brainuad.data.datasets import dataset_path
 
 #: The crop box must keep at least this fraction of the template brain.
 MIN_BRAIN_IN_BOX = 0.95
@@ -255,8 +256,8 @@ def path_errors(config: dict[str, Any], base: str | os.PathLike = ".") -> list[s
         value = config.get(block, {}).get(key)
         if value is not None and not (Path(base) / value).is_file():
             errors.append(f"{block}.{key}: {value} does not exist; expected a file, or null")
-    for name, spec in config["datasets"].items():
-        path = spec.get("path")
+    for name in config["datasets"]:
+        path = dataset_path(config, name)  # a relative path is below data_dir, if set
         if path is not None and not (Path(base) / path).exists():
             errors.append(f"datasets.{name}.path: {path} does not exist")
     return errors

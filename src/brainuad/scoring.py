@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,29 +174,70 @@ def score_dataset_split(
     size: int | None = None,
     build: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score every slice of the subjects in ``split`` of fold ``fold`` (what ``score_split``
-    runs): rows in slice-file order, written to ``out_path``.
-
-    The method is loaded from ``model_path``, or, for a method without trained stages, built
-    from ``build`` (``{"implementation": name, "model": hyperparameters}``)."""
-    subjects = subjects_in(read_splits(splits_path), fold=fold, split=split)
-    if not subjects:
-        raise InputError(f"{splits_path}: fold {fold} has no subject in split {split!r}")
-    rows = SliceFile(slice_path).rows_for_subjects(subjects)
-    method = _scoring_method(model_path, build, n_inputs=len(inputs) if inputs else None)
-    record = {"fold": fold, "split": split, "subjects": subjects, "model": str(model_path)}
-    record.update(attrs or {})
-    return score_split(
-        method,
+    """Score every slice of the subjects in ``split`` of fold ``fold``: rows in slice-file
+    order, written to ``out_path``. One split of :func:`score_dataset_splits`."""
+    return score_dataset_splits(
+        model_path=model_path,
         slice_path=slice_path,
-        rows=rows,
-        out_path=out_path,
+        splits_path=splits_path,
+        fold=fold,
+        out_paths={split: out_path},
         batch_size=batch_size,
         device=device,
-        attrs=record,
+        attrs=attrs,
         inputs=inputs,
         size=size,
-    )
+        build=build,
+    )[split]
+
+
+def score_dataset_splits(
+    *,
+    model_path: str | os.PathLike | None,
+    slice_path: str | os.PathLike,
+    splits_path: str | os.PathLike,
+    fold: int,
+    out_paths: Mapping[str, str | os.PathLike],
+    batch_size: int,
+    device: str = "auto",
+    attrs: dict[str, Any] | None = None,
+    inputs: Sequence[str] | None = None,
+    size: int | None = None,
+    build: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score the splits of one dataset and fold (what ``score_dataset`` runs): for each
+    ``split → out_path`` of ``out_paths``, every slice of that split's subjects, in
+    slice-file order. The method is loaded once, from ``model_path``, or, for a method
+    without trained stages, built from ``build`` (``{"implementation": name, "model":
+    hyperparameters}``). Every split must have a subject (checked before any scoring).
+
+    Returns:
+        split → the summary of :func:`score_split`.
+    """
+    table = read_splits(splits_path)
+    subjects_by_split = {split: subjects_in(table, fold=fold, split=split) for split in out_paths}
+    for split, subjects in subjects_by_split.items():
+        if not subjects:
+            raise InputError(f"{splits_path}: fold {fold} has no subject in split {split!r}")
+    method = _scoring_method(model_path, build, n_inputs=len(inputs) if inputs else None)
+    slices = SliceFile(slice_path)
+    summaries = {}
+    for split, out_path in out_paths.items():
+        subjects = subjects_by_split[split]
+        record = {"fold": fold, "split": split, "subjects": subjects, "model": str(model_path)}
+        record.update(attrs or {})
+        summaries[split] = score_split(
+            method,
+            slice_path=slice_path,
+            rows=slices.rows_for_subjects(subjects),
+            out_path=out_path,
+            batch_size=batch_size,
+            device=device,
+            attrs=record,
+            inputs=inputs,
+            size=size,
+        )
+    return summaries
 
 
 def _scoring_method(

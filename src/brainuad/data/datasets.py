@@ -81,9 +81,10 @@ def scored_datasets(config: dict[str, Any], method: str) -> list[str]:
 def dataset_labels(config: dict[str, Any], dataset: str) -> LabelConvention | None:
     """Label convention of ``dataset`` (None for a healthy real dataset without labels)."""
     adapter = adapter_of(config, dataset)
+    spec = config["datasets"][dataset]
     if adapter is None:
-        return None if config["datasets"][dataset]["lesion"] == "none" else synthetic_adapter.LABELS
-    return adapter.labels
+        return None if spec["lesion"] == "none" else synthetic_adapter.LABELS
+    return adapter.labels_for(spec["lesion"], spec.get("layout"))
 
 
 def preprocess_arguments(config: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -103,11 +104,19 @@ def check_datasets(config: dict[str, Any]) -> None:
         else:
             if not spec.get("path"):
                 raise ConfigError(f"{where}.path: required for source '{adapter.name}'")
-            if (adapter.labels is None) != (spec["lesion"] == "none"):
+            if not adapter.mixed and (adapter.labels is None) != (spec["lesion"] == "none"):
                 raise ConfigError(
                     f"{where}.lesion: '{spec['lesion']}' does not fit source '{adapter.name}' "
                     f"({'no' if adapter.labels is None else 'has'} lesion labels)"
                 )
+        layout = spec.get("layout") or {}
+        allowed = adapter.options if adapter else ()
+        if layout and not set(layout) <= set(allowed):
+            unknown = sorted(set(layout) - set(allowed))
+            raise ConfigError(
+                f"{where}.layout: {unknown} not understood by source '{spec['source']}' "
+                f"(it takes {list(allowed) or 'no layout options'})"
+            )
         settings = dataset_preprocess(config, name)
         available = adapter.sequences if adapter else config["preprocess"]["sequences"]
         unknown = [s for s in settings["sequences"] if s not in available]

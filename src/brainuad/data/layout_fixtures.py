@@ -2,7 +2,9 @@
 
 For tests and for trying the workflow without the downloads: each writer makes a few
 subjects with the layout's file names, grid (orientation, voxel size, shape), dtype and
-label values (BraTS 1/2/4, WMH 1 and 2, binary ATLAS and MSLUB masks). Heads come from
+label values (BraTS 1/2/4, WMH 1 and 2, binary ATLAS and MSLUB masks), plus the cDDPM
+preprocessed release (with its split CSVs) and a BIDS dataset with derivatives lesion
+masks. Heads come from
 :func:`brainuad.data.synthetic.generate_subject`; "registered" layouts (BraTS, ATLAS) are
 resampled onto their grid around the subject's brain, which the synthetic generator keeps
 within 10 degrees and 5 mm of MNI152, and stripped layouts (BraTS) are multiplied by the
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
 from brainuad.data.synthetic import SyntheticSubject, generate_subject, subject_seed
@@ -184,12 +187,142 @@ def write_mslub(root: Path, n_subjects: int = 3, seed: int = 0) -> list[Path]:
     return written
 
 
+# cDDPM release: volumes cropped to the brain box at 1 mm, LPS axes as SimpleITK writes them.
+RELEASE_SHAPE = (144, 176, 144)
+
+
+def _release_volumes(subject: SyntheticSubject, sequences) -> dict[str, np.ndarray]:
+    affine = layout_grid(RELEASE_SHAPE, (1.0, 1.0, 1.0), (-1, -1, 1), _brain_centre(subject))
+    brain = resample(subject.brainmask, RELEASE_SHAPE, affine, 0) > 0
+    volumes = {s: resample(subject.images[s], RELEASE_SHAPE, affine, 1) * brain for s in sequences}
+    volumes["mask"] = brain.astype(np.uint8)
+    if np.asanyarray(subject.seg.dataobj).any():
+        volumes["seg"] = (resample(subject.seg, RELEASE_SHAPE, affine, 0) > 0).astype(np.uint8)
+    return {"affine": affine, **volumes}
+
+
+def _split_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["img_name", "img_path", "mask_path", "seg_path", "age", "label"]
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=True)  # with the index, as the release
+    return path
+
+
+def write_cddpm_release(
+    root: Path, n_subjects: int = 3, seed: int = 0, n_folds: int = 2
+) -> list[Path]:
+    """The cDDPM preprocessed release: ``Train/ixi/{t1,t2,mask}``, ``Test/Brats21/{t2,mask,
+    seg}``, ``Test/ATLAS_v2/{t1,mask,seg}`` (float32 stripped volumes, uint8 masks, binary
+    labels) and ``splits/`` (``IXI_train_fold<k>``, ``IXI_val_fold<k>``, ``IXI_test``,
+    ``<set>_val``, ``<set>_test`` and the T2 list ``avail_t2.csv``), two subjects per lesion
+    set (one val, one test). IXI has ``n_subjects``
+    subjects, the last without a T2 file (listed in the splits, as in the release); the first
+    is the test subject and the others are dealt round-robin to the folds' val sets."""
+    written = []
+    ixi_rows: list[tuple[str, dict]] = []
+    for i, subject in enumerate(_subjects("none", n_subjects, seed, "release_ixi")):
+        name = f"IXI{12 + i:03d}-{('Guys', 'HH', 'IOP')[i % 3]}-{1000 + i:04d}"
+        has_t2 = not (i == n_subjects - 1 and n_subjects > 2)
+        volumes = _release_volumes(subject, ["t1", "t2"] if has_t2 else ["t1"])
+        for kind in ("t1", "t2", "mask"):
+            if kind in volumes:
+                path = root / "Train" / "ixi" / kind / f"{name}_{kind}.nii.gz"
+                dtype = "uint8" if kind == "mask" else "float32"
+                _save(volumes[kind], volumes["affine"], path, dtype)
+                written.append(path)
+        row = {
+            "img_name": f"{name}_t1.nii.gz",
+            "img_path": f"/Train/ixi/t1/{name}_t1.nii.gz",
+            "mask_path": f"/Train/ixi/mask/{name}_mask.nii.gz",
+            "seg_path": None,
+            "age": 30.0 + i,
+            "label": 0,
+        }
+        ixi_rows.append((name, row))
+    splits = root / "splits"
+    test, rest = ixi_rows[:1], ixi_rows[1:]
+    written.append(_split_csv(splits / "IXI_test.csv", [r for _, r in test]))
+    for k in range(n_folds):
+        val = [r for j, (_, r) in enumerate(rest) if j % n_folds == k]
+        train = [r for j, (_, r) in enumerate(rest) if j % n_folds != k]
+        written.append(_split_csv(splits / f"IXI_train_fold{k}.csv", train))
+        written.append(_split_csv(splits / f"IXI_val_fold{k}.csv", val))
+    t2_names = [r["img_name"].replace("_t1", "_t2") for _, r in ixi_rows[:-1]]
+    pd.DataFrame({"0": t2_names}).to_csv(splits / "avail_t2.csv", index=False)
+    for name, lesion, sequence in (("Brats21", "tumour", "t2"), ("ATLAS_v2", "stroke", "t1")):
+        rows = []
+        for i, subject in enumerate(_subjects(lesion, 2, seed, name)):
+            stem = f"{name}_{i:05d}"
+            volumes = _release_volumes(subject, [sequence])
+            for kind in (sequence, "mask", "seg"):
+                path = root / "Test" / name / kind / f"{stem}_{kind}.nii.gz"
+                dtype = "float32" if kind == sequence else "uint8"
+                _save(volumes[kind], volumes["affine"], path, dtype)
+                written.append(path)
+            rows.append(
+                {
+                    "img_name": f"{stem}_t1.nii.gz",
+                    # The release's paths name the T1 file, rewritten by the reference.
+                    "img_path": f"/Test/{name}/t1/{stem}_t1.nii.gz",
+                    "mask_path": f"/Test/{name}/mask/{stem}_mask.nii.gz",
+                    "seg_path": f"/Test/{name}/seg/{stem}_seg.nii.gz",
+                    "age": None,
+                    "label": 1,
+                }
+            )
+        written.append(_split_csv(splits / f"{name}_val.csv", rows[:1]))
+        written.append(_split_csv(splits / f"{name}_test.csv", rows[1:]))
+    return written
+
+
+def write_bids(root: Path, n_subjects: int = 3, seed: int = 0, lesion: str = "wmh") -> list[Path]:
+    """A BIDS dataset: ``sub-<nn>/ses-1/anat/sub-<nn>_ses-1_{T1w,T2w,FLAIR}.nii.gz`` (sub-02
+    without a session folder), raw float32 heads, T2w on another (axis-permuted) grid. Subjects
+    1..n are complete; one more has no T2w (skipped when T2 is used). With ``lesion`` other
+    than ``none`` each of those has a binary uint8 mask on the T1w grid in
+    ``derivatives/lesions/sub-<nn>/[ses-1/]anat/..._label-lesion_mask.nii.gz``, and a last
+    subject is a healthy control without a mask (skipped from a lesion dataset)."""
+    written = []
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        '{"Name": "brainuad fixture", "BIDSVersion": "1.8.0"}\n'
+    )
+    kinds = [lesion] * (n_subjects + 1) + (["none"] if lesion != "none" else [])
+    for i, kind in enumerate(kinds):
+        subject = generate_subject(
+            seed=subject_seed(seed, "bids", str(i)), lesion=kind, **GENERATOR_OPTIONS
+        )
+        sub = f"sub-{i + 1:02d}"
+        session = "" if i == 1 else "ses-1"
+        anat = root / sub / session / "anat"
+        stem = f"{sub}_{session}" if session else sub
+        for sequence, suffix in (("t1", "T1w"), ("t2", "T2w"), ("flair", "FLAIR")):
+            if sequence == "t2" and i == n_subjects:
+                continue  # the subject without T2w
+            image = subject.images[sequence]
+            data, affine = image.get_fdata(), image.affine.copy()
+            if sequence == "t2":  # voxel axes permuted (world unchanged): another grid
+                data = np.transpose(data, (2, 0, 1))
+                affine[:, :3] = image.affine[:, [2, 0, 1]]
+            _save(data, affine, anat / f"{stem}_{suffix}.nii.gz", "float32")
+            written.append(anat / f"{stem}_{suffix}.nii.gz")
+        if kind != "none":
+            seg = np.asanyarray(subject.seg.dataobj) > 0
+            folder = root / "derivatives" / "lesions" / sub / session / "anat"
+            path = folder / f"{stem}_label-lesion_mask.nii.gz"
+            _save(seg, subject.seg.affine, path, "uint8")
+            written.append(path)
+    return written
+
+
 WRITERS: dict[str, Callable[..., list[Path]]] = {
     "ixi": write_ixi,
     "brats2021": write_brats2021,
     "atlas2": write_atlas2,
     "wmh2017": write_wmh2017,
     "mslub": write_mslub,
+    "cddpm_release": write_cddpm_release,
+    "bids": write_bids,
 }
 
 

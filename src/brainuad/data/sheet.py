@@ -4,7 +4,9 @@ One row per subject: ``subject`` (the workflow id), ``source_id`` (the id in the
 ``site``, one column per file (``t1``, ``t2``, ``flair``, ``pd``, ``t1ce``, ``seg``,
 ``brainmask_truth``; empty where the subject has no such file) and ``metadata`` (JSON).
 Its schema is ``config/subjects.schema.yaml``; the workflow's input functions read the sheet,
-so each dataset carries only the files it has.
+so each dataset carries only the files it has. A download that ships its own splits
+(``cddpm_release``) adds a ``release_split`` column (train/val/test per fold), which the
+splits step uses (``splits.source``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from brainuad.errors import InputError
 from brainuad.io.atomic import write_text_atomic
 
 SHEET_COLUMNS: tuple[str, ...] = ("subject", "source_id", "site", *FILE_COLUMNS, "metadata")
+# Written only where the download has it (the sheets of other datasets stay as they were).
+RELEASE_SPLIT = "release_split"
 
 
 @dataclass
@@ -43,8 +47,12 @@ def _table(records: Sequence[SubjectRecord], infos: Sequence[dict[str, Any]]) ->
         row = {"subject": record.subject, "source_id": record.source_id, "site": record.site}
         row.update({c: str(record.files[c]) if c in record.files else "" for c in FILE_COLUMNS})
         row["metadata"] = json.dumps({**record.metadata, **info}, sort_keys=True)
+        row[RELEASE_SPLIT] = record.release_split
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(SHEET_COLUMNS))
+    columns = list(SHEET_COLUMNS)
+    if any(record.release_split for record in records):
+        columns.append(RELEASE_SPLIT)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def build_sheet(
@@ -57,6 +65,7 @@ def build_sheet(
     file_pattern: str | None = None,
     same_grid: bool = True,
     threads: int = 1,
+    layout: dict[str, Any] | None = None,
 ) -> Sheet:
     """Discover a dataset's subjects and validate every file the study will read.
 
@@ -70,6 +79,7 @@ def build_sheet(
         same_grid: require every sequence on the reference's grid (False where
             preprocessing co-registers them).
         threads: files are read in this many threads (zlib releases the GIL).
+        layout: the dataset's ``layout:`` options (adapters that take some: ``bids``).
 
     Raises:
         InputError: from the adapter (layout) or :func:`validate_record` (a file), naming
@@ -84,12 +94,21 @@ def build_sheet(
         adapter = get_adapter(source)
         if path is None:
             raise InputError(f"source '{source}': the dataset folder (path) is required")
-        discovery: Discovery = adapter.discover(Path(path), sequences)
+        discovery: Discovery = adapter.find(Path(path), sequences, layout)
+        labels = adapter.labels_for(lesion, layout)
+        if labels is None:  # a healthy dataset of a mixed layout: no lesion labels read
+            discovery.records = [
+                replace(r, files={k: v for k, v in r.files.items() if k != "seg"})
+                for r in discovery.records
+            ]
+        elif adapter.mixed:  # a lesion dataset of a mixed layout: subjects without a mask
+            discovery.skipped += [
+                (r.source_id, "no lesion mask") for r in discovery.records if "seg" not in r.files
+            ]
+            discovery.records = [r for r in discovery.records if "seg" in r.files]
 
         def check(record: SubjectRecord) -> dict[str, Any]:
-            return validate_record(
-                record, sequences=sequences, labels=adapter.labels, same_grid=same_grid
-            )
+            return validate_record(record, sequences=sequences, labels=labels, same_grid=same_grid)
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             infos = list(pool.map(check, discovery.records))

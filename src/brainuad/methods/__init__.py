@@ -9,12 +9,16 @@ Importing this package registers every built-in method::
 from brainuad.methods import (  # noqa: F401  (registers them)
     ae,
     anoddpm,
+    anofpdm,
     autoddpm,
+    cddpm,
     dae,
+    ddib,
     ddpm,
     intensity,
     pddpm,
     vae,
+    wolleb,
 )
 from brainuad.methods.base import Method, ScoreOutput
 from brainuad.methods.registry import (

@@ -178,3 +178,30 @@ class PatchedDDPM(DDPM):
         stitched = (predicted.float() * masks[None]).sum(dim=1)
         reconstruction = (stitched + 1) / 2
         return ScoreOutput(residual_map(images, reconstruction), reconstruction)
+
+    @torch.no_grad()
+    def unbatched_score(self, images: torch.Tensor, brainmask: torch.Tensor) -> ScoreOutput:
+        """The maps of :meth:`score` as the reference computes them: one slice and one patch
+        (one UNet call) at a time, stitched; for benchmarks (``brainuad.bench.scoring``) and
+        tests. Equal to ``score`` wherever a slice's noise does not depend on its batch
+        (simplex noise: one pattern per call)."""
+        was_training = self.training
+        self.eval()
+        try:
+            reconstructions = []
+            for i in range(images.shape[0]):
+                generator = torch.Generator(device=images.device).manual_seed(self.score_seed)
+                x0 = images[i : i + 1].float() * 2 - 1
+                t = torch.full(
+                    (1,), self.hparams["test_timestep"] - 1, device=x0.device, dtype=torch.long
+                )
+                noised = self.scheduler.add_noise(x0, self._draw_noise(x0, t, generator), t)
+                stitched = torch.zeros_like(x0)
+                for patch in self.patch_masks(x0):
+                    predicted = self(torch.where(patch, noised, x0), t)
+                    stitched = torch.where(patch, predicted.float(), stitched)
+                reconstructions.append((stitched + 1) / 2)
+        finally:
+            self.train(was_training)
+        reconstruction = torch.cat(reconstructions)
+        return ScoreOutput(residual_map(images, reconstruction), reconstruction)

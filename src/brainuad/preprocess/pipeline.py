@@ -137,6 +137,7 @@ def preprocess_subject(
     coregister_sequences: bool = False,
     hdbet_weights: str | None = None,
     seed: int = 0,
+    n4: bool = True,
 ) -> dict[str, Any]:
     """Preprocess one subject's sequences onto the shared template grid.
 
@@ -162,6 +163,8 @@ def preprocess_subject(
         coregister_sequences: rigidly register each sequence onto the reference sequence
             (their grids may then differ; the labels must be on the reference's grid).
         hdbet_weights: folder of the HD-BET model files, for ``skullstrip_method="hdbet"``.
+        n4: False for a download that is bias-corrected already (cddpm_release): the
+            N4 step is skipped.
         seed: the study seed; seeds Python, NumPy and torch (deepbet) and, through
             :func:`~brainuad.preprocess.register.ants_random_seed`, every ANTs registration
             (ANTs seeds 0 from the clock, which made two runs differ).
@@ -241,7 +244,7 @@ def preprocess_subject(
         grid = output_grid(template, template_mask, crop_shape)
 
     with timer.step("n4"):
-        for name, head in heads.items():
+        for name, head in heads.items() if n4 else ():
             try:
                 heads[name] = n4_correct(
                     head, shrink_factor=n4_shrink_factor, iterations=n4_iterations
@@ -390,6 +393,7 @@ def preprocess_subject(
             "runtimes_s": timer.seconds,
             "settings": {
                 "reference_sequence": reference_sequence,
+                "n4": n4,
                 "n4_shrink_factor": n4_shrink_factor,
                 "n4_iterations": list(n4_iterations),
                 "registration_type": registration_type if register else None,

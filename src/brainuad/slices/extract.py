@@ -35,8 +35,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 import brainuad
 from brainuad.errors import InputError
@@ -87,6 +85,11 @@ def _resize(stack: np.ndarray, size: int, *, labels: bool) -> np.ndarray:
     """Resize ``[n, C, S, S]`` to ``[n, C, size, size]``; nearest for labels, else bilinear."""
     if stack.shape[-1] == size:
         return stack
+    # torch is imported here, not at module level: the metrics jobs read
+    # `slice_voxel_spacing` from this module and need no torch (~3 s per job).
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
     if labels:
         out = F.interpolate(tensor, size=(size, size), mode="nearest-exact")

@@ -6,13 +6,14 @@ train/val over the rest; lesion cohorts get one train/val/test split repeated fo
 the ``train`` part (``splits.lesion_train_fraction``, default 0) is read only by weakly
 supervised methods (slice labels), ``val`` only for calibration and image-label validation,
 and ``test`` is shared by every method. Assignments depend only on the set of subject ids
-and the seed, never on the order the ids are given in.
+and the seed, never on the order the ids are given in. A download that ships its own folds
+(``cddpm_release``) keeps them (:func:`release_splits`, ``splits.source``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,97 @@ def lesion_splits(
     assignment.update(dict.fromkeys(rest[:n_val], "val"))
     assignment.update(dict.fromkeys(train, "train"))
     return _table([assignment] * n_folds)
+
+
+def release_splits(assignments: Mapping[str, str], *, n_folds: int, where: str) -> pd.DataFrame:
+    """The splits table of a download that ships its own folds (``cddpm_release``).
+
+    Args:
+        assignments: subject -> its ``release_split`` sheet cell: one of train/val/test
+            per fold, comma-separated (``"train,val,train"``), or a single value for every
+            fold (a lesion cohort's ``"test"``).
+        n_folds: ``splits.n_folds``; the release's first ``n_folds`` folds are used.
+        where: the sheet, for messages.
+
+    Raises:
+        InputError: ``n_folds < 2``, an unknown split value, or a release with fewer folds
+            than ``n_folds``.
+    """
+    n_folds = _check_n_folds(n_folds)
+    ids = _unique_subjects(assignments, where)
+    folds: list[dict[str, str]] = [{} for _ in range(n_folds)]
+    for subject in ids:
+        values = [v.strip() for v in str(assignments[subject]).split(",")]
+        unknown = sorted(set(values) - set(SPLITS))
+        if unknown:
+            raise InputError(
+                f"{where}: subject {subject}: release split {unknown}, expected one of "
+                f"{list(SPLITS)} per fold"
+            )
+        if len(values) == 1:
+            values = values * n_folds
+        if len(values) < n_folds:
+            raise InputError(
+                f"{where}: subject {subject}: the release has {len(values)} folds, "
+                f"splits.n_folds is {n_folds}; set n_folds to at most {len(values)}"
+            )
+        for k in range(n_folds):
+            folds[k][subject] = values[k]
+    return _table(folds)
+
+
+def dataset_splits(
+    subjects: Iterable[str],
+    *,
+    release: Mapping[str, str] | None,
+    healthy: bool,
+    options: Mapping[str, object],
+    seed: int,
+    where: str,
+) -> pd.DataFrame:
+    """The splits of one dataset as the study's ``splits`` block asks.
+
+    Args:
+        subjects: the dataset's subjects (its sheet).
+        release: subject -> the sheet's ``release_split`` where the download ships its
+            folds (cddpm_release), else None.
+        healthy: the study's healthy training cohort (k-fold train/val + test).
+        options: the ``splits`` block; ``source`` is ``auto`` (default: the release's
+            folds where there are some, else drawn), ``draw`` or ``release`` (required).
+        seed: the study seed, for drawn splits.
+        where: the sheet, for messages.
+
+    Raises:
+        InputError: ``source: release`` for a dataset without release folds, or any error of
+            the split functions.
+    """
+    source = options.get("source", "auto")
+    subjects = list(subjects)
+    if release is not None and any(not release.get(s) for s in subjects):
+        release = None  # a sheet with release splits for only some subjects is not one
+    if source == "release" and release is None:
+        raise InputError(
+            f"{where}: splits.source is 'release' but this dataset's download ships no "
+            "folds (only cddpm_release does); use splits.source: auto"
+        )
+    if release is not None and source != "draw":
+        return release_splits(
+            {s: release[s] for s in subjects}, n_folds=options["n_folds"], where=where
+        )
+    if healthy:
+        return healthy_splits(
+            subjects,
+            n_folds=options["n_folds"],
+            test_fraction=options.get("healthy_test_fraction", 0.25),
+            seed=seed,
+        )
+    return lesion_splits(
+        subjects,
+        n_folds=options["n_folds"],
+        val_fraction=options.get("lesion_val_fraction", 0.3),
+        train_fraction=options.get("lesion_train_fraction", 0.0),
+        seed=seed,
+    )
 
 
 def check_splits(df: pd.DataFrame, *, source: str | os.PathLike | None = None) -> None:

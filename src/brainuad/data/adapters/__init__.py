@@ -6,13 +6,21 @@ See :mod:`brainuad.data.adapters.base` for what an adapter provides and
 
 from __future__ import annotations
 
-from brainuad.data.adapters import atlas2, brats2021, ixi, mslub, wmh2017
+from brainuad.data.adapters import atlas2, bids, brats2021, cddpm_release, ixi, mslub, wmh2017
 from brainuad.data.adapters.base import Adapter, LabelConvention
 from brainuad.errors import InputError
 
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
-    for adapter in (ixi.ADAPTER, brats2021.ADAPTER, atlas2.ADAPTER, wmh2017.ADAPTER, mslub.ADAPTER)
+    for adapter in (
+        ixi.ADAPTER,
+        brats2021.ADAPTER,
+        atlas2.ADAPTER,
+        wmh2017.ADAPTER,
+        mslub.ADAPTER,
+        cddpm_release.ADAPTER,
+        bids.ADAPTER,
+    )
 }
 SOURCES: tuple[str, ...] = ("synthetic", *ADAPTERS)
 

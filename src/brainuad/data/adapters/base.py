@@ -21,6 +21,8 @@ from brainuad.errors import InputError
 IMAGE_COLUMNS: tuple[str, ...] = ("t1", "t2", "flair", "pd", "t1ce")
 LABEL_COLUMNS: tuple[str, ...] = ("seg", "brainmask_truth")
 FILE_COLUMNS: tuple[str, ...] = IMAGE_COLUMNS + LABEL_COLUMNS
+# Layout options that set the label convention (Adapter.labels_for), not discovery.
+LABEL_OPTIONS: tuple[str, ...] = ("lesion_labels", "ignore_labels")
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,17 @@ class LabelConvention:
 
 @dataclass(frozen=True)
 class SubjectRecord:
-    """One discovered subject: ``files`` maps a sheet column (``FILE_COLUMNS``) to a path."""
+    """One discovered subject: ``files`` maps a sheet column (``FILE_COLUMNS``) to a path;
+    ``release_split`` is the download's own split of the subject, where it ships one
+    (``cddpm_release``): one of train/val/test per fold, comma-separated, or one value for
+    every fold (see :func:`brainuad.slices.splits.release_splits`)."""
 
     subject: str
     source_id: str
     files: dict[str, Path]
     site: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    release_split: str = ""
 
 
 @dataclass
@@ -79,14 +85,51 @@ class Adapter:
             ``preprocess`` block.
         skip_incomplete: True when a subject missing a used sequence is skipped and listed
             (IXI), False when that is an error (a lesion cohort whose files belong together).
+        mixed: the layout holds healthy and lesion datasets alike (``cddpm_release``,
+            ``bids``): ``labels`` apply only to a dataset whose ``lesion`` is not ``none``.
+        options: keys the dataset's ``layout:`` block may set, passed to ``discover`` as
+            keyword arguments (empty: the layout takes none).
     """
 
     name: str
     sequences: tuple[str, ...]
     labels: LabelConvention | None
-    discover: Callable[[Path, Sequence[str]], Discovery]
+    discover: Callable[..., Discovery]
     preprocess_defaults: dict[str, Any] = field(default_factory=dict)
     skip_incomplete: bool = False
+    mixed: bool = False
+    options: tuple[str, ...] = ()
+
+    def labels_for(
+        self, lesion: str, options: dict[str, Any] | None = None
+    ) -> LabelConvention | None:
+        """The label convention of a dataset of this layout with cohort kind ``lesion``:
+        None for a healthy dataset of a mixed layout; ``layout.lesion_labels`` /
+        ``ignore_labels`` where the layout takes them (``bids``)."""
+        if self.mixed and lesion == "none":
+            return None
+        options = options or {}
+        if "lesion_labels" in options or "ignore_labels" in options:
+            return LabelConvention(
+                lesion=tuple(options.get("lesion_labels", self.labels.lesion)),
+                ignore=tuple(options.get("ignore_labels", self.labels.ignore)),
+                description=f"{self.name}: layout.lesion_labels / layout.ignore_labels",
+            )
+        return self.labels
+
+    def find(
+        self, root: Path, sequences: Sequence[str], options: dict[str, Any] | None = None
+    ) -> Discovery:
+        """``discover`` with the dataset's ``layout:`` options (refusing unknown keys)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise InputError(
+                f"layout: {unknown} not understood by source '{self.name}' "
+                f"(it takes {list(self.options) or 'no options'})"
+            )
+        layout = {k: v for k, v in options.items() if k not in LABEL_OPTIONS}
+        return self.discover(root, sequences, **layout)
 
 
 _ID_CHARS = re.compile(r"[^A-Za-z0-9]")

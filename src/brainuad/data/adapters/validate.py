@@ -95,8 +95,9 @@ def validate_record(
 
     Raises:
         InputError: naming the file: missing, truncated, not 3D, NaN, empty (constant)
-            image, a segmentation on another grid than the reference sequence, an unknown or
-            non-integer label, or no lesion voxel.
+            image, a segmentation or shipped brain mask on another grid than the reference
+            sequence, an empty brain mask, an unknown or non-integer label, or no lesion
+            voxel.
     """
     missing = [s for s in sequences if s not in record.files]
     if missing:
@@ -115,6 +116,12 @@ def validate_record(
             reference = img
         elif same_grid:
             _same_grid(path, img, ref_path, reference)
+    if "brainmask_truth" in record.files:  # a brain mask shipped with the download
+        path = Path(record.files["brainmask_truth"])
+        img, data = read_volume(path)
+        _same_grid(path, img, ref_path, reference)
+        if not data.any():
+            raise InputError(f"{path}: brain mask is empty; expected brain voxels > 0")
     info: dict[str, object] = {}
     if labels is not None:
         if "seg" not in record.files:
