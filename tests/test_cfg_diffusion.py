@@ -340,3 +340,15 @@ def test_selection_reads_no_pixel_label(tmp_path, monkeypatch):
         f["seg"][...] = 1 - f["seg"][...]
     again = selection_from_slices(method, sources, sequences=["t2", "flair"])
     assert again["constants"] == entry["constants"]
+
+
+@pytest.mark.parametrize("name", ["anofpdm", "ddib"])
+def test_map_settings_are_checked(name):
+    """The map reads existing input channels only, and its median filter has a centre."""
+    with pytest.raises(InputError, match="map_channels"):
+        build_method(name, in_channels=2, **CFG_TINY, map_channels=[2])
+    with pytest.raises(InputError, match="map_channels"):
+        build_method(name, in_channels=2, **CFG_TINY, map_channels=[])
+    with pytest.raises(InputError, match="median_kernel"):
+        build_method(name, in_channels=1, **CFG_TINY, median_kernel=4)
+    build_method(name, in_channels=2, **CFG_TINY, map_channels=[0, 1], median_kernel=3)

@@ -86,6 +86,7 @@ from brainuad.io.hdf5 import read_rows
 from brainuad.methods.base import ScoreOutput
 from brainuad.methods.cfg_diffusion import (
     ClassifierFreeDiffusion,
+    check_map_settings,
     guided_epsilon,
     median_filter_2d,
 )
@@ -258,15 +259,7 @@ class AnoFPDM(ClassifierFreeDiffusion):
                 f"hyperparameter t_max={t_max}, expected 1 … num_train_timesteps "
                 f"({num_train_timesteps})"
             )
-        if map_channels is not None and (
-            not map_channels or any(not 0 <= int(c) < in_channels for c in map_channels)
-        ):
-            raise InputError(
-                f"hyperparameter map_channels={list(map_channels)}, expected indices of the "
-                f"{in_channels} input channel(s)"
-            )
-        if median_kernel < 1 or median_kernel % 2 == 0:
-            raise InputError(f"hyperparameter median_kernel={median_kernel}, expected odd ≥ 1")
+        check_map_settings(map_channels, median_kernel, in_channels)
 
     @property
     def n_steps(self) -> int:

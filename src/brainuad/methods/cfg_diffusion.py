@@ -61,6 +61,22 @@ def median_filter_2d(maps: torch.Tensor, kernel: int) -> torch.Tensor:
     return windows.reshape(*windows.shape[:4], -1).median(dim=-1).values[:, 0]
 
 
+def check_map_settings(
+    map_channels: Sequence[int] | None, median_kernel: int, in_channels: int
+) -> None:
+    """Refuse map channels that are not indices of the ``in_channels`` inputs, and a median
+    kernel that is not odd and positive (InputError naming the hyperparameter)."""
+    if map_channels is not None and (
+        not map_channels or any(not 0 <= int(c) < in_channels for c in map_channels)
+    ):
+        raise InputError(
+            f"hyperparameter map_channels={list(map_channels)}, expected indices of the "
+            f"{in_channels} input channel(s)"
+        )
+    if median_kernel < 1 or median_kernel % 2 == 0:
+        raise InputError(f"hyperparameter median_kernel={median_kernel}, expected odd ≥ 1")
+
+
 def add_resblock_dropout(unet: torch.nn.Module, p: float) -> None:
     """Dropout before the second convolution of every residual block, where ADM has it
     (``guided_diffusion/unet_v2.py`` ``ResBlock.out_layers``); MONAI's blocks have none."""

@@ -36,7 +36,11 @@ import torch
 
 from brainuad.errors import InputError
 from brainuad.methods.base import ScoreOutput
-from brainuad.methods.cfg_diffusion import ClassifierFreeDiffusion, median_filter_2d
+from brainuad.methods.cfg_diffusion import (
+    ClassifierFreeDiffusion,
+    check_map_settings,
+    median_filter_2d,
+)
 from brainuad.methods.registry import register
 
 
@@ -118,15 +122,7 @@ class DDIB(ClassifierFreeDiffusion):
                 f"hyperparameter encode_timestep={encode_timestep}, expected at least one "
                 f"grid step ({self.stride}) and below num_train_timesteps ({num_train_timesteps})"
             )
-        if map_channels is not None and (
-            not map_channels or any(not 0 <= int(c) < in_channels for c in map_channels)
-        ):
-            raise InputError(
-                f"hyperparameter map_channels={list(map_channels)}, expected indices of the "
-                f"{in_channels} input channel(s)"
-            )
-        if median_kernel < 1 or median_kernel % 2 == 0:
-            raise InputError(f"hyperparameter median_kernel={median_kernel}, expected odd ≥ 1")
+        check_map_settings(map_channels, median_kernel, in_channels)
 
     @property
     def n_steps(self) -> int:
