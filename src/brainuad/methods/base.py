@@ -205,7 +205,7 @@ class Method(torch.nn.Module, abc.ABC):
         none) from the method saved at ``path``, which must be this same method.
         """
         path = Path(path)
-        payload = _read_method_file(path)
+        payload = read_method_file(path)
         if payload["name"] != self.name:
             raise InputError(
                 f"{path}: stage file of method {payload['name']!r}, expected {self.name!r}"
@@ -292,7 +292,7 @@ class Method(torch.nn.Module, abc.ABC):
         from brainuad.methods.registry import build_method
 
         path = Path(path)
-        payload = _read_method_file(path, map_location)
+        payload = read_method_file(path, map_location)
         name = payload["name"]
         if cls is not Method and cls.name != name:
             raise InputError(f"{path}: holds method {name!r}, expected {cls.name!r}")
@@ -301,7 +301,7 @@ class Method(torch.nn.Module, abc.ABC):
         return method
 
 
-def _read_method_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_method_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The payload of a file written by :meth:`Method.save`, checked for its format."""
     payload = load_torch(path, "brainuad model file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -348,6 +348,7 @@ __all__ = [
     "ScoreOutput",
     "Stage",
     "check_choice",
+    "read_method_file",
     "reconstruction_loss",
     "residual_map",
 ]

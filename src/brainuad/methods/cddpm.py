@@ -104,8 +104,8 @@ from brainuad.methods.base import (
     FINAL_STAGE,
     ScoreOutput,
     Stage,
-    _read_method_file,
     check_choice,
+    read_method_file,
     reconstruction_loss,
     residual_map,
 )
@@ -638,7 +638,7 @@ class CDDPM(DDPM):
         if stage != SPARK_STAGE:
             super().load_stage(stage, path)
             return
-        payload = _read_method_file(Path(path))
+        payload = read_method_file(Path(path))
         if payload["name"] != self.name:
             raise InputError(
                 f"{path}: stage file of method {payload['name']!r}, expected {self.name!r}"
