@@ -57,8 +57,8 @@ Deviations from the reference:
 - MONAI ``DiffusionModelUNet``: the label embedding is added to the time embedding only (the
   reference's v2 UNet also feeds it to the attention keys/values); additive time embedding
   instead of scale-shift norm; no learned variance (the reference has none either).
-- No EMA: the project's training loop has no EMA of the weights (the reference scores its
-  EMA weights).
+- No EMA yet (the reference scores its EMA weights): the loop's ``after_optimizer_step``
+  hook and :class:`brainuad.training.ema.EMAWeights` (added with AnoDDPM) are not wired in.
 - Images are the study's [0, 1] slices mapped to [−1, 1] (0 outside the brain → −1); the
   reference min–max normalises each slice to [−1, 1].
 - MONAI's ``reversed_step`` keeps the network's ε after clipping x̂0 to [−1, 1]; the

@@ -56,7 +56,8 @@ Deviations from the reference:
   clean state (a_0 = 1) at both ends of the chain.
 - ``ddim_steps`` makes the DDIM grid a setting (reference: 500 steps of 1 to L = 500);
   the CPU configs use a handful of steps.
-- No EMA (the shared training loop has none yet); the training length is a setting.
+- No EMA yet: the loop's `after_optimizer_step` hook and `brainuad.training.ema.EMAWeights`
+  (added with AnoDDPM) are not wired into this method; the training length is a setting.
 - The reference evaluates lesion slices only and thresholds each with Otsu; here every
   slice is scored and the study's calibration applies.
 - Images are mapped from [0, 1] to [−1, 1] for the networks (the reference feeds its [0, 1]
