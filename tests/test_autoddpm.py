@@ -144,7 +144,7 @@ def test_scoring_is_deterministic_and_seeded():
 
 
 def test_unet_evaluations_follow_the_chain_lengths(monkeypatch):
-    # The CPU setting of config/config.yaml: stride 50, 5 + 1 × 2 evaluations per slice.
+    # Stride 50, 5 + 1 × 2 evaluations per slice (config/config.yaml: 1 resampling).
     method = _method(inference_steps=20, recon_timestep=200, inpaint_timestep=50, resample_steps=2)
     calls = []
     original = method.unet.forward
