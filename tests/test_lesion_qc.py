@@ -114,7 +114,8 @@ def test_workflow_writes_the_lesion_volume_qc(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     records = pd.read_csv(tmp_path / targets[1])
-    assert list(records["subject"]) == ["sub-000", "sub-001"]
+    n_subjects = _config("tiny.yaml")["datasets"]["synth_brats"]["n_subjects"]
+    assert list(records["subject"]) == [f"sub-{i:03d}" for i in range(n_subjects)]
     metadata = [
         json.loads((tmp_path / f"results/standard/synth_brats/{s}/metadata.json").read_text())
         for s in records["subject"]
