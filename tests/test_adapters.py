@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from tiny_config import tiny_config_for_other_datasets
 
 from brainuad.config import ConfigError
 from brainuad.data.adapters import ADAPTERS
@@ -240,7 +240,7 @@ def test_gzip_bomb_free_truncation_detected_even_when_header_reads(copy_of):
 
 
 def paper_like_config(tmp_path: Path) -> dict:
-    config = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
+    config = tiny_config_for_other_datasets()
     config["datasets"] = {
         "ixi": {"source": "ixi", "lesion": "none", "path": str(tmp_path)},
         "brats": {"source": "brats2021", "lesion": "tumour", "path": str(tmp_path)},

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from test_adapters import BAD, first, rewrite
+from tiny_config import tiny_config_for_other_datasets
 
 from brainuad.config import ConfigError
 from brainuad.data.adapters import ADAPTERS
@@ -383,7 +384,7 @@ def test_bids_needs_subject_folders(tmp_path):
 
 
 def study(tmp_path: Path) -> dict:
-    config = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
+    config = tiny_config_for_other_datasets()
     config["datasets"] = {
         "ixi": {"source": "cddpm_release", "lesion": "none", "path": str(tmp_path)},
         "brats": {

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from tiny_config import tiny_config_for_other_datasets
 
 from brainuad.data.layout_fixtures import WRITERS
 
@@ -34,7 +35,7 @@ DATASETS = {
 
 
 def study_config(data: Path) -> dict:
-    config = yaml.safe_load(TINY.read_text())
+    config = tiny_config_for_other_datasets()
     config["datasets"] = {
         name: {"source": source, "lesion": lesion, "path": str(data / source)}
         | ({"preprocess": own} if own else {})

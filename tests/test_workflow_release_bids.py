@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_workflow_datasets import TINY, snakemake
+from test_workflow_datasets import snakemake
+from tiny_config import tiny_config_for_other_datasets
 
 from brainuad.data.adapters.cddpm_release import subject_key
 from brainuad.data.layout_fixtures import write_bids, write_cddpm_release
@@ -37,7 +38,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cddpm_release(data / "release", n_subjects=4, seed=2)
     write_bids(data / "bids", n_subjects=2, seed=2)
     write_bids(data / "bids_healthy", n_subjects=2, seed=2, lesion="none")
-    config = yaml.safe_load(TINY.read_text())
+    config = tiny_config_for_other_datasets()
     config["data_dir"] = str(data)
     config["datasets"] = {
         name: {"source": source, "lesion": lesion, "path": path}
@@ -46,6 +47,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     config["datasets"]["own"]["layout"] = {"derivatives": "lesions"}
     config["healthy_dataset"] = "rel_ixi"
+
     config["slices"]["sequences"] = ["t1", "t2"]
     configfile = base / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
