@@ -250,7 +250,11 @@ def test_peak_memory_is_flat_in_t_max(tmp_path):
     2 × 200 × 4 × 2 × 96² × 4 B ≈ 118 MB, and the measurement sees that."""
     kept = 2 * 200 * 4 * 2 * 96 * 96 * 4
     stream = {t_max: peak_growth(tmp_path, t_max, "stream") for t_max in (20, 200)}
-    assert abs(stream[200] - stream[20]) < kept / 20, stream
+    # Peak RSS of separate processes differs by some MB whatever the algorithm (allocator
+    # arenas, lazily loaded code; a bound of kept / 20 ≈ 6 MB failed once on a loaded CI
+    # machine): the bound is a quarter of what keeping every step costs, which the
+    # full-memory run must exceed by twice that.
+    assert abs(stream[200] - stream[20]) < kept / 4, stream
     assert peak_growth(tmp_path, 200, "full") > kept / 2
 
 
