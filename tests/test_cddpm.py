@@ -3,10 +3,10 @@ test_methods.py trains both stages through ``train_fold``, scores, saves and loa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+import yaml
+from tiny_config import tiny_config_with_seed_methods
 from tiny_hparams import TINY_HPARAMS
 
 from brainuad.errors import InputError
@@ -20,8 +20,6 @@ from brainuad.methods.cddpm import (
     sparse_batch_norm,
     sparse_mode,
 )
-
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "config" / "tiny.yaml"
 
 
 def tiny(name: str = "cddpm", **overrides):
@@ -254,12 +252,12 @@ def test_invalid_hparams_are_named():
         tiny(spark_settings={"decoder_width": 24})
 
 
-def test_benchmarks_time_the_spark_stage_and_the_per_evaluation_loop(capsys):
+def test_benchmarks_time_the_spark_stage_and_the_per_evaluation_loop(capsys, tmp_path):
     from brainuad.bench import scoring, steps
 
-    steps.main(
-        ["--config", str(TINY_CONFIG), "--methods", "cddpm", "--batch", "2", "--repeats", "1"]
-    )
+    config = tmp_path / "tiny_seed.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_with_seed_methods()))
+    steps.main(["--config", str(config), "--methods", "cddpm", "--batch", "2", "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cddpm")]
     assert [row.split("|")[1].strip() for row in rows] == [
         "cddpm (stage `spark`)",

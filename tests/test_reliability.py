@@ -507,7 +507,7 @@ def test_method_names_hparams_and_types_checked_without_building() -> None:
         "methods.ae.model.chanels: 'ae' has no hyperparameter 'chanels'; valid: [",
         "methods.ddpm.model.resblock_updown: 'yes', expected true or false",
         "methods.ddpm.model.loss: 'l3', expected one of ['l1', 'l2']",
-        "methods.gan: method 'gan' is not registered; registered: ['ae', 'dae', 'ddpm'",
+        "methods.gan: method 'gan' is not registered; registered: ['ae', 'anoddpm',",
         "methods.ae_wide.model.channels: [8, '16'], expected a list of an integer",
     ]
     assert len(errors) == len(expected), errors

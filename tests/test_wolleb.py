@@ -3,13 +3,11 @@ toward healthy, exact pairing of DDIM encoding and decoding, and its two stages.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from test_methods import train_every_stage, write_cohorts
+from tiny_config import tiny_config_with_seed_methods
 from tiny_hparams import TINY_HPARAMS
 
 from brainuad.bench.steps import step_seconds
@@ -201,7 +199,7 @@ def test_stages_train_their_own_network_and_model_file_holds_both(tmp_path):
 
 def test_step_benchmark_times_each_stage():
     """`python -m brainuad.bench.steps` times a step of each stage (docs/benchmarks.md)."""
-    config = yaml.safe_load((Path(__file__).parents[1] / "config" / "tiny.yaml").read_text())
+    config = tiny_config_with_seed_methods()
     for stage in ("classifier", "model"):
         batch, seconds = step_seconds(config, "wolleb", 2, 1, stage)
         assert batch == 2 and seconds > 0

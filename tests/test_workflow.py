@@ -23,14 +23,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
-TRAINED_IN_TINY = (
-    "ae", "ddpm", "ddpm_simplex", "dae", "vae", "autoddpm", "wolleb", "cddpm", "cddpm_nossl",
-    "anofpdm", "ddib", "pddpm", "anoddpm",
+TRAINED_IN_TINY = ("ae", "ddpm", "ddpm_simplex", "dae", "vae")
+# The seed methods (tests/config/seed_methods.yaml, planned by the dry-run test): those
+# trained on slice labels of a lesion cohort's train split, and their earlier stages.
+SEED_METHODS = ROOT / "tests" / "config" / "seed_methods.yaml"
+TRAINED_SEED_METHODS = (
+    "autoddpm", "wolleb", "cddpm", "cddpm_nossl", "anofpdm", "ddib", "pddpm", "anoddpm",
 )  # fmt: skip
-# Those trained on slice labels of a lesion cohort's train split, and the cohort.
-WEAK_IN_TINY = {"wolleb": "synth_brats", "anofpdm": "synth_brats", "ddib": "synth_brats"}
-# The earlier stages of the tiny study's methods (each its own train_stage job per fold).
-EARLIER_STAGES_IN_TINY = {"wolleb": "classifier", "cddpm": "spark"}
+WEAK_SEED_METHODS = {"wolleb": "synth_brats", "anofpdm": "synth_brats", "ddib": "synth_brats"}
+EARLIER_SEED_STAGES = {"wolleb": "classifier", "cddpm": "spark"}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -261,13 +262,17 @@ def test_killed_training_job_resumes_from_checkpoint(tiny_study: Path) -> None:
 TOY_METHODS = ROOT / "tests" / "config" / "toy_methods.yaml"
 
 
-def toy_snakemake(workdir: Path, overlay: Path, *args: str) -> subprocess.CompletedProcess:
-    """Snakemake on tiny.yaml + ``overlay``, with tests/ on PYTHONPATH for toy_methods."""
+def toy_snakemake(
+    workdir: Path, overlay: Path | tuple[Path, ...], *args: str
+) -> subprocess.CompletedProcess:
+    """Snakemake on tiny.yaml + ``overlay`` (one file or several, merged in order), with
+    tests/ on PYTHONPATH for toy_methods."""
+    overlays = (overlay,) if isinstance(overlay, Path) else overlay
     path = [str(ROOT / "tests"), os.getenv("PYTHONPATH", "")]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, path))}
     command = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-        "--directory", str(workdir), "--configfile", str(TINY), str(overlay), *args,
+        "--directory", str(workdir), "--configfile", str(TINY), *map(str, overlays), *args,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
@@ -294,10 +299,10 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
     jobs per fold, the later one reading the earlier one's file; the weakly supervised one
     reads its lesion cohort (train split) only, and no healthy-only method reads a lesion
     cohort; every method is scored on the same test subjects' splits files."""
-    result = toy_snakemake(tmp_path, TOY_METHODS, "-n")
+    result = toy_snakemake(tmp_path, (SEED_METHODS, TOY_METHODS), "-n")
     jobs = planned_jobs(result)
-    # toy_two_stage's pretraining and the earlier stages of the shipped methods, 2 folds each.
-    earlier = {"toy_two_stage": "pretrain", **EARLIER_STAGES_IN_TINY}
+    # toy_two_stage's pretraining and the earlier stages of the seed methods, 2 folds each.
+    earlier = {"toy_two_stage": "pretrain", **EARLIER_SEED_STAGES}
     assert jobs["train_stage"] == 2 * len(earlier), jobs
     trained = planned_job_inputs(result, "train_model")
     stages = planned_job_inputs(result, "train_stage")
@@ -306,7 +311,7 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
         for method, stage in earlier.items()
         for k in (0, 1)
     }
-    weak = {"toy_weak": "synth_brats", **WEAK_IN_TINY}
+    weak = {"toy_weak": "synth_brats", **WEAK_SEED_METHODS}
     lesion_data = ["results/slices/synth_brats.h5", "results/splits/synth_brats.csv"]
     for wildcards, inputs in stages.items():
         if wildcards.split(",")[0].removeprefix("method=") in weak:
@@ -325,7 +330,7 @@ def test_training_inputs_follow_each_stages_supervision(tmp_path: Path) -> None:
             assert not stage_files, (wildcards, inputs)
     assert {w.split(",")[0] for w in trained} == {
         "method=ae", "method=ddpm", "method=toy_two_stage", "method=toy_weak",
-        *(f"method={m}" for m in TRAINED_IN_TINY if m not in ("ae", "ddpm")),
+        *(f"method={m}" for m in (*TRAINED_IN_TINY, *TRAINED_SEED_METHODS)),
     }  # fmt: skip
     # The training-free baseline is scored without a model file.
     scored = planned_job_inputs(result, "score_dataset")
