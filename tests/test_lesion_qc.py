@@ -100,6 +100,7 @@ def test_records_refuse_old_metadata():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_workflow_writes_the_lesion_volume_qc(tmp_path):
     """The real rule on the tiny config: generation of the lesion cohort, then its QC."""
     import subprocess

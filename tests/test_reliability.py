@@ -188,6 +188,7 @@ def reduced_tiny_config() -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_clean_tiny_runs_give_identical_metrics_and_models(tmp_path: Path) -> None:
     config_path = tmp_path / "reduced.yaml"
     config_path.write_text(yaml.safe_dump(reduced_tiny_config()))

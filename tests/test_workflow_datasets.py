@@ -21,6 +21,9 @@ from tiny_config import tiny_config_for_other_datasets
 
 from brainuad.data.layout_fixtures import WRITERS
 
+# Heavy end-to-end runs: `make test-all`, not CI's `make test` (its 30-minute budget).
+pytestmark = pytest.mark.extended
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 

@@ -21,6 +21,9 @@ from brainuad.data.adapters.cddpm_release import subject_key
 from brainuad.data.layout_fixtures import write_bids, write_cddpm_release
 from brainuad.slices.splits import healthy_splits
 
+# Heavy end-to-end runs: `make test-all`, not CI's `make test` (its 30-minute budget).
+pytestmark = pytest.mark.extended
+
 # dataset -> (source, lesion, path below the data folder, own preprocess, slice channels)
 DATASETS = {
     "rel_ixi": ("cddpm_release", "none", "release/Train/ixi", {}, ["t1", "t2"]),
