@@ -300,6 +300,17 @@ def test_invalid_hparam_value_is_input_error():
         build_method("ddpm", channels=(16, 32), attention_levels=(False, False), norm_num_groups=7)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [n for n in sorted(TINY_HPARAMS) if "attention_levels" in TINY_HPARAMS[n]],
+)
+def test_attention_flags_must_match_the_unet_levels(name):
+    """Every diffusion UNet takes one attention flag per level of its channels."""
+    hparams = {**TINY_HPARAMS[name], "attention_levels": (False,) * 3}
+    with pytest.raises(InputError, match=r"attention_levels \(False, False, False\).*\(8, 16"):
+        build_method(name, **hparams)
+
+
 def test_unknown_method_lists_available():
     with pytest.raises(InputError, match="ddpm"):
         build_method("no-such-method")

@@ -60,11 +60,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from brainuad.errors import InputError
 from brainuad.methods.base import FINAL_STAGE, Method, ScoreOutput, check_choice
+from brainuad.methods.diffusion_unet import build_diffusion_unet
 from brainuad.methods.registry import register
 from brainuad.noise import build_noise
 from brainuad.training.ema import EMAWeights
@@ -161,11 +161,6 @@ class AnoDDPM(Method):
         check_choice("noise", noise, ("gaussian", "simplex", "simplex_3d"))
         check_choice("clamp", clamp, ("x_t", "x0"))
         check_choice("optimizer", optimizer, ("adam", "adamw"))
-        if len(attention_levels) != len(channels):
-            raise InputError(
-                f"hyperparameter attention_levels {tuple(attention_levels)} must have one "
-                f"entry per level of channels {tuple(channels)}"
-            )
         if num_heads < 1 or any(c % num_heads for c in channels):
             raise InputError(
                 f"hyperparameter num_heads={num_heads} must be ≥ 1 and divide every entry "
@@ -187,12 +182,10 @@ class AnoDDPM(Method):
                 f"or 2 … test_timestep ({test_timestep})"
             )
         self.noise = build_noise(noise, **(noise_settings or {}))
-        self.unet = DiffusionModelUNet(
-            spatial_dims=2,
+        self.unet = build_diffusion_unet(
             in_channels=in_channels,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            attention_levels=tuple(attention_levels),
+            channels=channels,
+            attention_levels=attention_levels,
             num_res_blocks=num_res_blocks,
             num_head_channels=tuple(c // num_heads for c in channels),
             norm_num_groups=norm_num_groups,

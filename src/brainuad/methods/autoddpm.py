@@ -79,11 +79,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from brainuad.errors import InputError
 from brainuad.methods.base import Method, ScoreOutput, check_choice, residual_map
+from brainuad.methods.diffusion_unet import build_diffusion_unet
 from brainuad.methods.registry import register
 
 #: ``perceptual(x, y)`` → ``[B, H, W]`` distance map of images ``[B, C, H, W]`` in [0, 1].
@@ -239,17 +239,10 @@ class AutoDDPM(Method):
                 f"hyperparameter mask_threshold={mask_threshold}, expected ≥ 0 or null "
                 "(per-image mask_percentile)"
             )
-        if len(attention_levels) != len(channels):
-            raise InputError(
-                f"hyperparameter attention_levels {tuple(attention_levels)} must have one "
-                f"entry per level of channels {tuple(channels)}"
-            )
-        self.unet = DiffusionModelUNet(
-            spatial_dims=2,
+        self.unet = build_diffusion_unet(
             in_channels=in_channels,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            attention_levels=tuple(attention_levels),
+            channels=channels,
+            attention_levels=attention_levels,
             num_res_blocks=num_res_blocks,
             num_head_channels=num_head_channels,
             norm_num_groups=norm_num_groups,

@@ -32,11 +32,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
 from brainuad.errors import InputError
 from brainuad.methods.base import Method, check_choice
+from brainuad.methods.diffusion_unet import build_diffusion_unet
 
 HEALTHY = 0
 LESION = 1
@@ -162,17 +162,10 @@ class ClassifierFreeDiffusion(Method):
                 f"hyperparameter num_inference_steps={num_inference_steps}, expected 1 … "
                 f"num_train_timesteps ({num_train_timesteps})"
             )
-        if len(attention_levels) != len(channels):
-            raise InputError(
-                f"hyperparameter attention_levels {tuple(attention_levels)} must have one "
-                f"entry per level of channels {tuple(channels)}"
-            )
-        self.unet = DiffusionModelUNet(
-            spatial_dims=2,
+        self.unet = build_diffusion_unet(
             in_channels=in_channels,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            attention_levels=tuple(attention_levels),
+            channels=channels,
+            attention_levels=attention_levels,
             num_res_blocks=num_res_blocks,
             num_head_channels=head_channels,
             norm_num_groups=norm_num_groups,

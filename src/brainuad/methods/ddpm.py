@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from brainuad.errors import InputError
@@ -49,6 +48,7 @@ from brainuad.methods.base import (
     reconstruction_loss,
     residual_map,
 )
+from brainuad.methods.diffusion_unet import build_diffusion_unet
 from brainuad.methods.registry import register
 from brainuad.noise import build_noise
 
@@ -142,17 +142,10 @@ class DDPM(Method):
                 f"hyperparameter test_timestep={test_timestep}, expected 1 … "
                 f"num_train_timesteps ({num_train_timesteps})"
             )
-        if len(attention_levels) != len(channels):
-            raise InputError(
-                f"hyperparameter attention_levels {tuple(attention_levels)} must have one "
-                f"entry per level of channels {tuple(channels)}"
-            )
-        self.unet = DiffusionModelUNet(
-            spatial_dims=2,
+        self.unet = build_diffusion_unet(
             in_channels=in_channels,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            attention_levels=tuple(attention_levels),
+            channels=channels,
+            attention_levels=attention_levels,
             num_res_blocks=num_res_blocks,
             num_head_channels=num_head_channels,
             norm_num_groups=norm_num_groups,

@@ -71,12 +71,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 from monai.networks.schedulers import DDPMScheduler
 
 from brainuad.errors import InputError
 from brainuad.methods.base import FINAL_STAGE, Method, ScoreOutput, Stage, check_choice
+from brainuad.methods.diffusion_unet import build_diffusion_unet, check_levels
 from brainuad.methods.registry import register
 
 #: Class index of a healthy slice (slice label 0); the guidance target.
@@ -186,15 +186,9 @@ class Wolleb(Method):
             weight_decay=float(weight_decay),
         )
         check_choice("optimizer", optimizer, ("adam", "adamw"))
-        for name, levels, widths in (
-            ("attention_levels", attention_levels, channels),
-            ("classifier_attention_levels", classifier_attention_levels, classifier_channels),
-        ):
-            if len(levels) != len(widths):
-                raise InputError(
-                    f"hyperparameter {name} {tuple(levels)} must have one entry per level of "
-                    f"its channels {tuple(widths)}"
-                )
+        check_levels(
+            "classifier_attention_levels", classifier_attention_levels, classifier_channels
+        )
         for name, factor in (
             ("channels", 2 ** (len(channels) - 1)),
             # MONAI's encoder downsamples after every level, by average pooling.
@@ -218,12 +212,10 @@ class Wolleb(Method):
         ddim_grid(int(noise_level), int(ddim_steps))  # validates ddim_steps
         if guidance_scale < 0:
             raise InputError(f"hyperparameter guidance_scale={guidance_scale}, expected ≥ 0")
-        self.unet = DiffusionModelUNet(
-            spatial_dims=2,
+        self.unet = build_diffusion_unet(
             in_channels=in_channels,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            attention_levels=tuple(attention_levels),
+            channels=channels,
+            attention_levels=attention_levels,
             num_res_blocks=num_res_blocks,
             num_head_channels=tuple(c // num_heads for c in channels),
             norm_num_groups=norm_num_groups,
