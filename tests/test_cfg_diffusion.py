@@ -219,7 +219,8 @@ RSS_SCRIPT = textwrap.dedent(
     t_max, mode = int(sys.argv[1]), sys.argv[2]
     m = build_method("anofpdm", in_channels=2, channels=(8, 16),
                      attention_levels=(False, False), num_res_blocks=1,
-                     num_head_channels=8, norm_num_groups=8, t_max=t_max).eval()
+                     num_head_channels=8, norm_num_groups=8, t_max=t_max,
+                     ema_decay=None).eval()
     m.unet = CheapUNet()
     x = torch.rand(4, 2, 96, 96)
     run = m.forward_process if mode == "stream" else (

@@ -56,6 +56,8 @@ WOLLEB_TINY = {
     "classifier_num_head_channels": 8,
     "classifier_norm_num_groups": 8,
     "ddim_steps": 2,
+    # The trained UNet scores (tests swap or probe it); tests/test_ema_methods.py checks EMA.
+    "ema_decay": None,
 }
 CFG_TINY = {
     "channels": (8, 16),
@@ -64,6 +66,7 @@ CFG_TINY = {
     "num_head_channels": 8,
     "norm_num_groups": 8,
     "num_inference_steps": 5,
+    "ema_decay": None,  # as WOLLEB_TINY
 }
 TINY_HPARAMS: dict[str, dict] = {
     "ae": AE_TINY,

@@ -57,8 +57,9 @@ Deviations from the reference:
 - MONAI ``DiffusionModelUNet``: the label embedding is added to the time embedding only (the
   reference's v2 UNet also feeds it to the attention keys/values); additive time embedding
   instead of scale-shift norm; no learned variance (the reference has none either).
-- No EMA yet (the reference scores its EMA weights): the loop's ``after_optimizer_step``
-  hook and :class:`brainuad.training.ema.EMAWeights` (added with AnoDDPM) are not wired in.
+- EMA as the reference: the EMA weights (decay 0.9999, ``ema_decay``) score, as its
+  translation scripts load the EMA checkpoint (``--ema True``); the CPU configs lower the
+  decay to suit their few hundred training steps.
 - Images are the study's [0, 1] slices mapped to [−1, 1] (0 outside the brain → −1); the
   reference min–max normalises each slice to [−1, 1].
 - MONAI's ``reversed_step`` keeps the network's ε after clipping x̂0 to [−1, 1]; the
@@ -233,6 +234,7 @@ class AnoFPDM(ClassifierFreeDiffusion):
         score_seed: int = 0,
         optimizer: Literal["adam", "adamw"] = "adamw",
         weight_decay: float = 0.0,
+        ema_decay: float | None = 0.9999,
     ) -> None:
         super().__init__(
             in_channels=in_channels,
@@ -249,6 +251,7 @@ class AnoFPDM(ClassifierFreeDiffusion):
             score_seed=score_seed,
             optimizer=optimizer,
             weight_decay=weight_decay,
+            ema_decay=ema_decay,
             guidance_scale=float(guidance_scale),
             t_max=int(t_max),
             map_channels=None if map_channels is None else [int(c) for c in map_channels],

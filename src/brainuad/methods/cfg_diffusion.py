@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler
 
 from brainuad.errors import InputError
-from brainuad.methods.base import Method, check_choice
+from brainuad.methods.base import FINAL_STAGE, Method, check_choice
 from brainuad.methods.diffusion_unet import build_diffusion_unet
+from brainuad.training.ema import EMAWeights
 
 HEALTHY = 0
 LESION = 1
@@ -105,6 +106,9 @@ class ClassifierFreeDiffusion(Method):
             timestep, as the reference).
         score_seed: unused by the deterministic scoring; kept for the contract.
         optimizer, weight_decay: AdamW with weight decay 0 (``--weight_decay 0``).
+        ema_decay: decay of the EMA weights that score (``--ema_rate 0.9999``; the
+            reference's translation scripts load the EMA checkpoint, ``--ema True`` in
+            ``config/run_translation_*_{fpdm,ddib}.sh``); None scores with the trained UNet.
     """
 
     supervision = "image_labels"
@@ -128,6 +132,7 @@ class ClassifierFreeDiffusion(Method):
         score_seed: int = 0,
         optimizer: Literal["adam", "adamw"] = "adamw",
         weight_decay: float = 0.0,
+        ema_decay: float | None = 0.9999,
         **method_hparams: Any,
     ) -> None:
         head_channels: int | tuple[int, ...] = (
@@ -150,6 +155,7 @@ class ClassifierFreeDiffusion(Method):
             score_seed=int(score_seed),
             optimizer=optimizer,
             weight_decay=float(weight_decay),
+            ema_decay=None if ema_decay is None else float(ema_decay),
             **method_hparams,
         )
         check_choice("optimizer", optimizer, ("adam", "adamw"))
@@ -176,6 +182,8 @@ class ClassifierFreeDiffusion(Method):
         time_dim = self.unet.class_embedding.embedding_dim
         self.unet.class_embedding = torch.nn.Embedding(3, time_dim, padding_idx=NULL)
         add_resblock_dropout(self.unet, dropout)
+        # The weights that score (a frozen submodule: saved, checkpointed and resumed).
+        self.ema = None if ema_decay is None else EMAWeights(self.unet, decay=ema_decay)
         self.scheduler = DDIMScheduler(
             num_train_timesteps=num_train_timesteps,
             schedule="linear_beta",
@@ -192,8 +200,21 @@ class ClassifierFreeDiffusion(Method):
     def forward(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """ε_θ ``[B, C, H, W]`` from x_t ``[B, C, H, W]``, t and labels ``[B]`` (0, 1, 2 = ∅)."""
+        """ε_θ ``[B, C, H, W]`` of the trained UNet from x_t ``[B, C, H, W]``, t and labels
+        ``[B]`` (0, 1, 2 = ∅)."""
         return self.unet(noisy, timesteps, class_labels=labels)
+
+    def scoring_epsilon(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """ε as :meth:`forward`, of the network that scores: the EMA weights when
+        ``ema_decay`` is set, else the trained UNet."""
+        network = self.unet if self.ema is None else self.ema.module
+        return network(noisy, timesteps, class_labels=labels)
+
+    def after_optimizer_step(self, stage: str = FINAL_STAGE) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0 = batch["image"].float() * 2 - 1
@@ -218,7 +239,7 @@ class ClassifierFreeDiffusion(Method):
                 torch.full((b,), HEALTHY, device=sample.device, dtype=torch.long),
             ]
         )
-        eps = self(torch.cat([sample, sample]), t, labels).float()
+        eps = self.scoring_epsilon(torch.cat([sample, sample]), t, labels).float()
         return eps[:b], eps[b:]
 
     def null_epsilon(self, sample: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -226,7 +247,7 @@ class ClassifierFreeDiffusion(Method):
         b = sample.shape[0]
         t = torch.full((b,), timestep, device=sample.device, dtype=torch.long)
         labels = torch.full((b,), NULL, device=sample.device, dtype=torch.long)
-        return self(sample, t, labels).float()
+        return self.scoring_epsilon(sample, t, labels).float()
 
     def predict_x0(self, eps: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
         """x̂0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, clipped to [−1, 1] (as the scheduler's step)."""
@@ -253,7 +274,7 @@ class ClassifierFreeDiffusion(Method):
                 b = sample.shape[0]
                 labels = torch.full((b,), HEALTHY, device=sample.device, dtype=torch.long)
                 ts = torch.full((b,), t, device=sample.device, dtype=torch.long)
-                eps = self(sample, ts, labels).float()
+                eps = self.scoring_epsilon(sample, ts, labels).float()
             else:
                 eps_null, eps_healthy = self.null_and_healthy_epsilon(sample, t)
                 eps = guided_epsilon(eps_healthy, eps_null, w)

@@ -24,7 +24,8 @@ Deviations from the reference:
   at t = 449.
 - The reference tunes DDIB's pixel threshold on validation pixel labels
   (``obtain_optimal_threshold``); here the study's shared calibration applies.
-- No EMA, MONAI UNet, [0, 1] → [−1, 1] images, clipping as in :mod:`brainuad.methods.anofpdm`.
+- EMA weights score, MONAI UNet, [0, 1] → [−1, 1] images, clipping as in
+  :mod:`brainuad.methods.anofpdm`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class DDIB(ClassifierFreeDiffusion):
         score_seed: int = 0,
         optimizer: Literal["adam", "adamw"] = "adamw",
         weight_decay: float = 0.0,
+        ema_decay: float | None = 0.9999,
     ) -> None:
         super().__init__(
             in_channels=in_channels,
@@ -112,6 +114,7 @@ class DDIB(ClassifierFreeDiffusion):
             score_seed=score_seed,
             optimizer=optimizer,
             weight_decay=weight_decay,
+            ema_decay=ema_decay,
             guidance_scale=float(guidance_scale),
             encode_timestep=int(encode_timestep),
             map_channels=None if map_channels is None else [int(c) for c in map_channels],

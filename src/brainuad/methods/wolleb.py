@@ -56,8 +56,10 @@ Deviations from the reference:
   clean state (a_0 = 1) at both ends of the chain.
 - ``ddim_steps`` makes the DDIM grid a setting (reference: 500 steps of 1 to L = 500);
   the CPU configs use a handful of steps.
-- No EMA yet: the loop's `after_optimizer_step` hook and `brainuad.training.ema.EMAWeights`
-  (added with AnoDDPM) are not wired into this method; the training length is a setting.
+- The training length is a setting. The UNet's EMA (decay 0.9999, the reference's
+  ``--ema_rate``) is what scores, as the reference samples with its EMA checkpoint; the
+  CPU configs lower the decay to suit their few hundred steps; the classifier has no EMA
+  (as ``classifier_train.py``).
 - The reference evaluates lesion slices only and thresholds each with Otsu; here every
   slice is scored and the study's calibration applies.
 - Images are mapped from [0, 1] to [−1, 1] for the networks (the reference feeds its [0, 1]
@@ -78,6 +80,7 @@ from brainuad.errors import InputError
 from brainuad.methods.base import FINAL_STAGE, Method, ScoreOutput, Stage, check_choice
 from brainuad.methods.diffusion_unet import build_diffusion_unet, check_levels
 from brainuad.methods.registry import register
+from brainuad.training.ema import EMAWeights
 
 #: Class index of a healthy slice (slice label 0); the guidance target.
 HEALTHY = 0
@@ -122,6 +125,8 @@ class Wolleb(Method):
         clip_denoised: clip x̂0 to [−1, 1] in each DDIM move (reference: True).
         optimizer: ``"adamw"`` (reference) or ``"adam"``; weight_decay: its weight decay
             (reference: 0).
+        ema_decay: decay of the UNet's EMA weights, which score (reference: 0.9999); None
+            scores with the trained UNet itself.
 
         ``noise_level``, ``ddim_steps``, ``guidance_scale`` and ``clip_denoised`` only affect
         scoring (``scoring_hparams``).
@@ -163,6 +168,7 @@ class Wolleb(Method):
         clip_denoised: bool = True,
         optimizer: Literal["adam", "adamw"] = "adamw",
         weight_decay: float = 0.0,
+        ema_decay: float | None = 0.9999,
     ) -> None:
         super().__init__(
             in_channels=int(in_channels),
@@ -184,6 +190,7 @@ class Wolleb(Method):
             clip_denoised=bool(clip_denoised),
             optimizer=optimizer,
             weight_decay=float(weight_decay),
+            ema_decay=None if ema_decay is None else float(ema_decay),
         )
         check_choice("optimizer", optimizer, ("adam", "adamw"))
         check_levels(
@@ -221,6 +228,8 @@ class Wolleb(Method):
             norm_num_groups=norm_num_groups,
             num_class_embeds=2,
         )
+        # The weights that score (a frozen submodule: saved, checkpointed and resumed).
+        self.ema = None if ema_decay is None else EMAWeights(self.unet, decay=ema_decay)
         self.classifier = DiffusionModelEncoder(
             spatial_dims=2,
             in_channels=in_channels,
@@ -260,6 +269,15 @@ class Wolleb(Method):
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.stage_loss(FINAL_STAGE, batch)
 
+    def after_optimizer_step(self, stage: str = FINAL_STAGE) -> None:
+        if stage == FINAL_STAGE and self.ema is not None:
+            self.ema.update(self.unet)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet that scores: its EMA copy when ``ema_decay`` is set, else itself."""
+        return self.unet if self.ema is None else self.ema.module
+
     # -- scoring ---------------------------------------------------------------------------
 
     def healthy_log_prob_gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -296,7 +314,7 @@ class Wolleb(Method):
         for k in range(len(grid) - 1):
             t = torch.full_like(healthy, grid[k])
             alpha, alpha_next = self._alpha(grid[k], k), self._alpha(grid[k + 1], k + 1)
-            eps = self._clip_epsilon(x, self.unet(x, t, class_labels=healthy).float(), alpha)
+            eps = self._clip_epsilon(x, self.denoiser(x, t, class_labels=healthy).float(), alpha)
             x = self._ddim_move(x, eps, alpha, alpha_next)
         return x
 
@@ -308,7 +326,7 @@ class Wolleb(Method):
         for k in range(len(grid) - 1, 0, -1):
             t = torch.full_like(healthy, grid[k])
             alpha, alpha_prev = self._alpha(grid[k], k), self._alpha(grid[k - 1], k - 1)
-            eps = self._clip_epsilon(x, self.unet(x, t, class_labels=healthy).float(), alpha)
+            eps = self._clip_epsilon(x, self.denoiser(x, t, class_labels=healthy).float(), alpha)
             if guidance_scale:
                 gradient = self.healthy_log_prob_gradient(x, t)
                 eps = eps - (1 - alpha) ** 0.5 * guidance_scale * gradient
