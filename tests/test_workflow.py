@@ -370,3 +370,41 @@ def test_two_stage_method_trains_in_order_and_retrains_from_a_deleted_stage(
     result = toy_snakemake(tiny_study, overlay, "-n", deleted, *targets)
     assert planned_jobs(result) == {"train_stage": 1, "train_model": 1}, result.stdout
     assert "fold0" not in "".join(planned_job_inputs(result, "train_model"))
+
+
+@pytest.mark.slow
+def test_seed_methods_run_end_to_end_on_the_tiny_study(tiny_study: Path, tmp_path: Path) -> None:
+    """Every seed method at test size (tests/config/seed_methods.yaml) through the real
+    workflow, fold 0, on a copy of the built tiny study's data: earlier stages, training,
+    scoring, AnoFPDM's label-free selection, calibration on validation only, per-subject
+    metrics on the lesion cohort's test subjects."""
+    workdir = tmp_path / "seed_methods"
+    shutil.copytree(
+        tiny_study,
+        workdir,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("models", "scores", "calibration", "metrics", "tables"),
+    )
+    targets = [f"results/metrics/{m}/fold0/synth_brats.csv" for m in TRAINED_SEED_METHODS]
+    toy_snakemake(workdir, SEED_METHODS, "--cores", "2", *targets)
+
+    results = workdir / "results"
+    test_subjects = pd.read_csv(results / "splits" / "synth_brats.csv").query(
+        "fold == 0 and split == 'test'"
+    )["subject"]
+    for method in TRAINED_SEED_METHODS:
+        table = pd.read_csv(results / "metrics" / method / "fold0" / "synth_brats.csv")
+        assert sorted(table["subject"]) == sorted(test_subjects), method
+        record = json.loads(
+            (results / "calibration" / method / "fold0" / "threshold.json").read_text()
+        )
+        for protocol in record["thresholds"].values():
+            assert protocol["chosen_on"]["split"] == "val", (method, protocol)
+    for method, stage in EARLIER_SEED_STAGES.items():
+        config = json.loads((results / "models" / method / "fold0" / "config.json").read_text())
+        assert config["consumed"] == {stage: f"results/models/{method}/fold0/{stage}.pt"}
+    selection = json.loads(
+        (results / "calibration" / "anofpdm" / "fold0" / "selection.json").read_text()
+    )
+    chosen_on = selection["chosen_on"]
+    assert (chosen_on["split"], chosen_on["uses_pixel_labels"]) == ("val", False)
