@@ -1,0 +1,232 @@
+"""Mutation testing of chosen modules with mutmut, each against its own unit tests only.
+
+Run as ``python -m brainuad.bench.mutation evaluation/postprocess.py slices/splits.py``
+(``make mutation MODULES="..."``). For each module (a path under ``src/brainuad/``) it writes
+a work folder ``.mutation/<module>/`` holding links to ``src`` and ``tests`` and a
+``pyproject.toml`` whose ``[tool.mutmut]`` is the repository's, narrowed to that module
+(``only_mutate``) and to its unit tests (``UNIT_TESTS``), runs ``mutmut run`` there, and
+writes the counts into the scores table of ``docs/testing.md`` with the date, the commit and
+the command. The surviving mutants' names go to ``.mutation/<module>/survivors.txt``
+(``mutmut show NAME`` in that folder prints one's diff).
+
+The score is (killed + timed out) / all mutants; mutants that no selected test reaches count
+as survivors. The adjusted score leaves out the survivors listed as equivalent (no
+observable difference) in ``docs/testing.md``, each under its full mutmut name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+# Each core module's own unit tests: the files whose tests are written for it (mutmut runs,
+# for each mutant, only those of these tests that execute the mutated function).
+UNIT_TESTS: dict[str, list[str]] = {
+    "evaluation/postprocess.py": [
+        "tests/test_postprocess.py",
+        "tests/test_postprocess_definitions.py",
+    ],
+    "evaluation/metrics.py": ["tests/test_metrics.py"],
+    "evaluation/calibration.py": ["tests/test_calibration.py"],
+    "evaluation/aggregate.py": ["tests/test_aggregate.py", "tests/test_aggregate_definitions.py"],
+    "evaluation/tables.py": ["tests/test_tables.py", "tests/test_tables_definitions.py"],
+    "slices/splits.py": ["tests/test_splits.py", "tests/test_splits_definitions.py"],
+    "slices/extract.py": ["tests/test_slices.py", "tests/test_slices_definitions.py"],
+    "slices/hdf5.py": ["tests/test_slices.py", "tests/test_slices_definitions.py"],
+    "preprocess/normalise.py": ["tests/test_preprocess.py", "tests/test_preprocess_definitions.py"],
+    "preprocess/crop.py": ["tests/test_preprocess.py", "tests/test_preprocess_definitions.py"],
+    "training/loop.py": ["tests/test_training.py", "tests/test_training_definitions.py"],
+}
+
+DOC = Path("docs/testing.md")
+TABLE_START = "<!-- mutation-scores:start -->"
+TABLE_END = "<!-- mutation-scores:end -->"
+EQUIVALENT_HEADING = "## Equivalent survivors"
+HEADER = (
+    "| Module | Unit tests | Killed | Survived | No test | Timeout | Total | Score | "
+    "Adjusted | Date | Commit |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+)
+
+
+@dataclass(frozen=True)
+class ModuleScore:
+    """Counts of one module's mutants after a mutmut run."""
+
+    module: str
+    tests: list[str]
+    killed: int
+    survived: int
+    no_tests: int
+    timeout: int
+    total: int
+    equivalent: int
+
+    @property
+    def score(self) -> float:
+        return (self.killed + self.timeout) / self.total if self.total else float("nan")
+
+    @property
+    def adjusted(self) -> float:
+        kept = self.total - self.equivalent
+        return (self.killed + self.timeout) / kept if kept else float("nan")
+
+
+def slug(module: str) -> str:
+    """Work-folder name of a module: ``evaluation/postprocess.py`` -> ``evaluation.postprocess``."""
+    return module.removesuffix(".py").replace("/", ".")
+
+
+def toml_value(value: object) -> str:
+    """TOML for the flat values a ``[tool.mutmut]`` table holds (JSON's syntax is TOML's here)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float | list):
+        return json.dumps(value)
+    raise TypeError(f"[tool.mutmut]: unsupported value {value!r}")
+
+
+def toml_table(name: str, table: dict) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items())
+
+
+def work_pyproject(root: Path, module: str, tests: list[str]) -> str:
+    """The work folder's pyproject: pytest's settings and [tool.mutmut] narrowed to a module."""
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    tool = data.get("tool", {})
+    mutmut = dict(tool.get("mutmut", {}))
+    mutmut["source_paths"] = ["src"]
+    mutmut["only_mutate"] = [f"src/brainuad/{module}"]
+    mutmut["pytest_add_cli_args_test_selection"] = tests
+    mutmut.setdefault("also_copy", ["tests"])
+    return (
+        toml_table("tool.pytest.ini_options", tool.get("pytest", {}).get("ini_options", {}))
+        + "\n"
+        + toml_table("tool.mutmut", mutmut)
+    )
+
+
+def equivalent_names(doc: Path) -> set[str]:
+    """Mutant names listed (in backticks) under the doc's equivalent-survivors heading."""
+    if not doc.exists():
+        return set()
+    text = doc.read_text()
+    if EQUIVALENT_HEADING not in text:
+        return set()
+    section = text.split(EQUIVALENT_HEADING, 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"`(brainuad\.[^`\s]+__mutmut_\d+)`", section))
+
+
+def run_module(
+    root: Path, module: str, max_children: int, equivalents: set[str], mutmut: str
+) -> ModuleScore:
+    """Run mutmut on one module in its own work folder; return its counts."""
+    if module not in UNIT_TESTS:
+        raise SystemExit(f"{module}: no unit tests listed in brainuad.bench.mutation.UNIT_TESTS")
+    if not (root / "src/brainuad" / module).is_file():
+        raise SystemExit(f"src/brainuad/{module}: no such module")
+    tests = [t for t in UNIT_TESTS[module] if (root / t).is_file()]
+    work = root / ".mutation" / slug(module)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for name in ("src", "tests"):
+        (work / name).symlink_to(root / name)
+    (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
+    subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
+    subprocess.run([mutmut, "export-cicd-stats"], cwd=work, check=True)
+    stats = json.loads((work / "mutants/mutmut-cicd-stats.json").read_text())
+    results = subprocess.run(
+        [mutmut, "results"], cwd=work, check=True, capture_output=True, text=True
+    ).stdout
+    survivors = sorted(
+        line.split(":")[0].strip()
+        for line in results.splitlines()
+        if line.strip().endswith(("survived", "no tests"))
+    )
+    (work / "survivors.txt").write_text("".join(f"{s}\n" for s in survivors))
+    return ModuleScore(
+        module=module,
+        tests=tests,
+        killed=stats["killed"],
+        survived=stats["survived"],
+        no_tests=stats["no_tests"],
+        timeout=stats["timeout"],
+        total=stats["total"],
+        equivalent=len(equivalents.intersection(survivors)),
+    )
+
+
+def table_row(score: ModuleScore, date: str, commit: str) -> str:
+    tests = ", ".join(f"`{Path(t).name}`" for t in score.tests)
+    return (
+        f"| `{score.module}` | {tests} | {score.killed} | {score.survived} | {score.no_tests} | "
+        f"{score.timeout} | {score.total} | {score.score:.0%} | {score.adjusted:.0%} | "
+        f"{date} | {commit} |"
+    )
+
+
+def update_doc(doc: Path, rows: dict[str, str], command: str) -> None:
+    """Replace the rows of the modules just run in the scores table; keep the others."""
+    text = doc.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{doc}: no {TABLE_START} ... {TABLE_END} block for the scores")
+    before, rest = text.split(TABLE_START, 1)
+    block, after = rest.split(TABLE_END, 1)
+    kept = {
+        m.group(1): line for line in block.splitlines() if (m := re.match(r"\| `([^`]+)` \|", line))
+    }
+    kept.update(rows)
+    last = f"Last run: `{command}`"
+    body = "\n".join(kept[m] for m in sorted(kept))
+    doc.write_text(f"{before}{TABLE_START}\n{last}\n\n{HEADER}\n{body}\n{TABLE_END}{after}")
+
+
+def git_commit(root: Path) -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "src", "tests"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "modules", nargs="+", help="paths under src/brainuad/, e.g. slices/splits.py"
+    )
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--no-doc", action="store_true", help="print, but leave docs/testing.md")
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
+    equivalents = equivalent_names(root / DOC)
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    commit = git_commit(root)
+    rows = {}
+    for module in args.modules:
+        score = run_module(root, module, args.max_children, equivalents, mutmut)
+        rows[module] = table_row(score, date, commit)
+        print(rows[module], flush=True)
+    if not args.no_doc:
+        command = "make mutation MODULES=" + shlex.quote(" ".join(args.modules))
+        update_doc(root / DOC, rows, command)
+
+
+if __name__ == "__main__":
+    main()
