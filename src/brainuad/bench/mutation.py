@@ -43,8 +43,16 @@ UNIT_TESTS: dict[str, list[str]] = {
     "slices/splits.py": ["tests/test_splits.py", "tests/test_splits_definitions.py"],
     "slices/extract.py": ["tests/test_slices.py", "tests/test_slices_definitions.py"],
     "slices/hdf5.py": ["tests/test_slices.py", "tests/test_slices_definitions.py"],
-    "preprocess/normalise.py": ["tests/test_preprocess.py", "tests/test_preprocess_definitions.py"],
-    "preprocess/crop.py": ["tests/test_preprocess.py", "tests/test_preprocess_definitions.py"],
+    # test_preprocess.py runs the whole pipeline (ANTs registration) too: its unit tests only
+    "preprocess/normalise.py": [
+        "tests/test_preprocess.py::test_percentile_normalise_maps_brain_to_unit_interval",
+        "tests/test_preprocess_definitions.py",
+    ],
+    "preprocess/crop.py": [
+        "tests/test_preprocess.py::test_crop_or_pad_shape_and_world_coordinates",
+        "tests/test_preprocess.py::test_brain_box_centre",
+        "tests/test_preprocess_definitions.py",
+    ],
     "training/loop.py": ["tests/test_training.py", "tests/test_training_definitions.py"],
 }
 
@@ -135,7 +143,7 @@ def run_module(
         raise SystemExit(f"{module}: no unit tests listed in brainuad.bench.mutation.UNIT_TESTS")
     if not (root / "src/brainuad" / module).is_file():
         raise SystemExit(f"src/brainuad/{module}: no such module")
-    tests = [t for t in UNIT_TESTS[module] if (root / t).is_file()]
+    tests = [t for t in UNIT_TESTS[module] if (root / t.partition("::")[0]).is_file()]
     work = root / ".mutation" / slug(module)
     if work.exists():
         shutil.rmtree(work)
@@ -168,7 +176,9 @@ def run_module(
 
 
 def table_row(score: ModuleScore, date: str, commit: str) -> str:
-    tests = ", ".join(f"`{Path(t).name}`" for t in score.tests)
+    tests = ", ".join(
+        f"`{Path(t).name}`" for t in dict.fromkeys(t.partition("::")[0] for t in score.tests)
+    )
     return (
         f"| `{score.module}` | {tests} | {score.killed} | {score.survived} | {score.no_tests} | "
         f"{score.timeout} | {score.total} | {score.score:.0%} | {score.adjusted:.0%} | "
