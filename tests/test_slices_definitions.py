@@ -225,3 +225,184 @@ def test_concatenated_datasets_index_across_parts(slice_path):
         ConcatSliceDataset([first], ["a", "b"])
     with pytest.raises(InputError, match="one name per part, at least one part"):
         ConcatSliceDataset([], [])
+
+
+# --- extraction: hand-made RAS volumes -------------------------------------------------------
+
+X, Y, Z = 6, 3, 5  # R, A, S
+
+
+def _volumes(tmp_path, *, seg_values=None, seg_dtype=np.uint8, affine=None):
+    """A RAS volume whose value encodes its voxel, a brain of known area per axial slice."""
+    from brainuad.io.nifti import save_nifti
+
+    affine = np.eye(4) if affine is None else affine
+    x, y, z = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
+    image = (100 * z + 10 * y + x + 1).astype(np.float32)
+    mask = np.zeros((X, Y, Z), np.uint8)
+    mask[:, :, 1] = 1  # area 18 (the largest)
+    mask[:3, :3, 2] = 1  # area 9: exactly half
+    mask[:2, :3, 3] = 1  # area 6: a third
+    seg = np.zeros((X, Y, Z), np.uint8) if seg_values is None else seg_values
+    files = {"t1": tmp_path / "t1.nii.gz", "t2": tmp_path / "t2.nii.gz"}
+    save_nifti(image, affine, files["t1"], dtype=np.float32)
+    save_nifti(-image, affine, files["t2"], dtype=np.float32)
+    files["brainmask"] = tmp_path / "mask.nii.gz"
+    save_nifti(mask, affine, files["brainmask"], dtype=np.uint8)
+    files["seg"] = tmp_path / "seg.nii.gz"
+    save_nifti(seg, affine, files["seg"], dtype=seg_dtype)
+    return files, image, mask
+
+
+def _extract(files, **kwargs):
+    from brainuad.slices.extract import extract_subject_slices
+
+    options = {"sequences": ["t2", "t1"], "size": 6, "min_brain_fraction": 0.5, **kwargs}
+    return extract_subject_slices(
+        images={"t1": files["t1"], "t2": files["t2"]},
+        brainmask=files["brainmask"],
+        seg=files["seg"],
+        **options,
+    )
+
+
+def test_extraction_keeps_orients_and_pads_by_hand(tmp_path):
+    files, image, mask = _volumes(tmp_path)
+    out = _extract(files)
+    assert out.slice_index.tolist() == [1, 2]  # area >= half of the largest; 0 never
+    assert out.slice_index.dtype == np.int32 and len(out) == 2
+    assert out.images.shape == (2, 2, 6, 6) and out.images.dtype == np.float32
+    # Y = 3 rows padded to 6: one row above, two below; rows run anterior (high y) first,
+    # columns left to right (x)
+    for i, k in enumerate((1, 2)):
+        for r in range(3):
+            for c in range(X):
+                inside = mask[c, 2 - r, k] > 0
+                expected = image[c, 2 - r, k] if inside else 0.0
+                assert out.images[i, 1, 1 + r, c] == expected  # t1, second channel
+                assert out.images[i, 0, 1 + r, c] == -expected  # t2 first, as asked
+                assert out.brainmask[i, 1 + r, c] == inside
+        assert not out.brainmask[i, 0].any() and not out.brainmask[i, 4:].any()
+    assert out.ignore is None
+    kept = _extract(files, min_brain_fraction=0.3)
+    assert kept.slice_index.tolist() == [1, 2, 3]
+    everything = _extract(files, min_brain_fraction=0.0)
+    assert everything.slice_index.tolist() == [1, 2, 3]  # slices without brain: dropped
+
+
+def test_extraction_label_conventions_and_resizing(tmp_path):
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[0, 0, 1], seg[1, 0, 1], seg[2, 0, 1], seg[3, 0, 1] = 1, 2, 4, 3
+    files, _, _ = _volumes(tmp_path, seg_values=seg)
+    out = _extract(files, lesion_labels=[1, 4], ignore_labels=[2])
+    row = out.seg[0, 3]  # y = 0 is the posterior row: 1 + 2
+    assert row[:4].tolist() == [1, 0, 4, 0]  # 2 (ignored) and 3 (not a lesion) dropped
+    assert out.ignore[0, 3, :4].tolist() == [0, 1, 0, 0]
+    assert out.ignore.dtype == np.uint8
+    every = _extract(files)
+    assert every.seg[0, 3, :4].tolist() == [1, 2, 4, 3]
+    big = _extract(files, size=12)
+    assert big.images.shape == (2, 2, 12, 12)
+    assert set(np.unique(big.seg)) == {0, 1, 2, 3, 4}  # nearest: label values preserved
+    assert set(np.unique(big.brainmask)) == {0, 1}
+    assert not big.images[:, :, big.brainmask[0] == 0][0].any()  # 0 outside the brain
+
+
+def test_extraction_refuses_bad_inputs(tmp_path):
+    from brainuad.slices.extract import extract_subject_slices
+
+    files, _, _ = _volumes(tmp_path)
+    with pytest.raises(InputError, match="sequences: expected at least one sequence name"):
+        _extract(files, sequences=[])
+    with pytest.raises(InputError, match=r"images: missing sequence\(s\) \['flair'\]"):
+        _extract(files, sequences=["t1", "flair"])
+    for size in (0, 2.5):
+        with pytest.raises(InputError, match="size: expected a positive integer"):
+            _extract(files, size=size)
+    for fraction in (-0.1, 1.1):
+        with pytest.raises(InputError, match=r"min_brain_fraction: expected a value in \[0, 1\]"):
+            _extract(files, min_brain_fraction=fraction)
+    floats = np.zeros((X, Y, Z), np.float32)
+    floats[0, 0, 1] = 1.5
+    (tmp_path / "f").mkdir()
+    bad, _, _ = _volumes(tmp_path / "f", seg_values=floats, seg_dtype=np.float32)
+    with pytest.raises(InputError, match=r"seg.nii.gz: segmentation has non-integer values"):
+        _extract(bad)
+    big = np.zeros((X, Y, Z), np.int16)
+    big[0, 0, 1] = 300
+    (tmp_path / "b").mkdir()
+    bad, _, _ = _volumes(tmp_path / "b", seg_values=big, seg_dtype=np.int16)
+    with pytest.raises(InputError, match=r"segmentation values span 0..300, expected 0..255"):
+        _extract(bad)
+    from brainuad.io.nifti import save_nifti
+
+    save_nifti(np.zeros((X, Y, Z), np.uint8), np.eye(4), files["brainmask"], dtype=np.uint8)
+    with pytest.raises(InputError, match=r"mask.nii.gz: brain mask is empty"):
+        extract_subject_slices(
+            images={"t1": files["t1"]},
+            brainmask=files["brainmask"],
+            seg=files["seg"],
+            sequences=["t1"],
+            size=6,
+            min_brain_fraction=0.5,
+        )
+
+
+def test_build_slice_file_records_settings_and_counts(tmp_path):
+    from brainuad.slices.extract import SLICE_ORIENTATION, build_slice_file
+
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[:2, :, 1] = 1  # 6 lesion pixels on slice 1, none on slice 2
+    subjects = {}
+    for name in ("s2", "s1"):
+        (tmp_path / name).mkdir()
+        files, _, _ = _volumes(tmp_path / name, seg_values=seg)
+        subjects[name] = files
+    out = tmp_path / "slices.h5"
+    summary = build_slice_file(
+        out_path=out,
+        subjects=subjects,
+        sequences=["t1"],
+        size=6,
+        min_brain_fraction=0.5,
+        attrs={"dataset": "toy"},
+        min_lesion_pixels=7,
+        ignore_labels=[9],
+    )
+    assert summary == {
+        "n_subjects": 2,
+        "n_slices": 4,
+        "n_lesion_slices": 0,  # 6 < 7 lesion pixels
+        "per_subject": {
+            "s1": {"n_slices": 2, "n_lesion_slices": 0},
+            "s2": {"n_slices": 2, "n_lesion_slices": 0},
+        },
+    }
+    slices = SliceFile(out)
+    assert slices.subjects.tolist() == ["s1", "s1", "s2", "s2"]
+    assert slices.attrs["slice_size"] == 6 and slices.attrs["min_brain_fraction"] == 0.5
+    assert slices.attrs["slice_orientation"] == SLICE_ORIENTATION
+    assert slices.attrs["dataset"] == "toy" and "brainuad_version" in slices.attrs
+    assert "ignore" in slices.read([0])
+    low = build_slice_file(
+        out_path=tmp_path / "low.h5",
+        subjects=subjects,
+        sequences=["t1"],
+        size=6,
+        min_brain_fraction=0.5,
+        attrs={},
+    )
+    assert low["n_lesion_slices"] == 2 and low["per_subject"]["s1"]["n_lesion_slices"] == 1
+    with pytest.raises(InputError, match="no subjects given for the slice file"):
+        build_slice_file(
+            out_path=out, subjects={}, sequences=["t1"], size=6, min_brain_fraction=0.5, attrs={}
+        )
+    with pytest.raises(InputError, match=r"subject s1: missing \['seg'\]"):
+        build_slice_file(
+            out_path=tmp_path / "x.h5",
+            subjects={"s1": {"t1": subjects["s1"]["t1"], "brainmask": subjects["s1"]["brainmask"]}},
+            sequences=["t1"],
+            size=6,
+            min_brain_fraction=0.5,
+            attrs={},
+        )
