@@ -225,3 +225,29 @@ def test_training_run_defaults_and_paths(tmp_path):
     assert (run.sampler, run.score_checkpoint, run.device) == ("slices", "last", "auto")
     assert run.mixed_precision is True and run.num_workers == 0
     TrainingRun(tmp_path / "c.pt", tmp_path / "l.csv", max_steps=1, batch_size=1, num_workers=0)
+
+
+def test_checkpoint_write_failing_half_way_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint save interrupted in the middle of writing (disk full, kill) leaves the
+    previous checkpoint under its name, readable, and no partial file in its place."""
+    from pathlib import Path
+
+    from brainuad.io.torchfile import load_newest_readable, save_keeping_previous
+
+    path = tmp_path / "last.pt"
+    save_keeping_previous({"step": 5, "w": torch.arange(4)}, path)
+    before = path.read_bytes()
+    real_write = Path.write_bytes
+
+    def half_then_fail(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_keeping_previous({"step": 10, "w": torch.arange(8)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    loaded, source = load_newest_readable(path, "checkpoint")
+    assert loaded["step"] == 5 and source == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.previous.pt", "last.pt"]
