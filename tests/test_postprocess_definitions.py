@@ -203,3 +203,59 @@ def test_config_validation_and_round_trip():
     assert PostprocessConfig.from_dict(cfg.to_dict()) == cfg
     assert PostprocessConfig.from_dict(None) == PostprocessConfig()
     assert PostprocessConfig() == PostprocessConfig("auto", 5, 7, True)
+
+
+def test_auto_erosion_counts_the_slice_width():
+    # W // 25 with W the last axis (width): 50 // 25 = 2 erosions, not 30 // 25 = 1
+    mask = np.ones((1, 30, 50), dtype=bool)
+    assert erode_brainmask(mask, PostprocessConfig()).sum() == (30 - 4) * (50 - 4)
+
+
+def test_median_kernel_two_is_a_filter():
+    amap = np.random.default_rng(4).random((4, 9, 9)).astype(np.float32)
+    mask = np.ones((4, 9, 9), dtype=bool)
+    out = postprocess_map(amap, mask, PostprocessConfig(erode_iterations=0, median_kernel=2))
+    np.testing.assert_array_equal(out, ndimage.median_filter(amap, size=2))
+
+
+def test_components_hole_filling_and_labels_in_a_crowd():
+    # A 26-voxel shell (label 1: first in raster order) next to a small speck (label 2): the
+    # shell's own bounding box decides its filled size, 27 > 26, so it stays.
+    binary = np.zeros((5, 5, 9), dtype=bool)
+    binary[1:4, 1:4, 1:4] = True
+    binary[2, 2, 2] = False
+    binary[2, 2, 7] = True
+    out = remove_small_components(binary, 26)
+    assert out.sum() == 26 and not out[2, 2, 7]
+    # A background voxel that reaches the box border only diagonally is no hole under
+    # 26-connectivity (a 6-connected fill would count it): filled size 34 <= 34, dropped.
+    block = np.zeros((5, 5, 6), dtype=bool)
+    block[1:4, 1:4, 1:5] = True
+    block[2, 2, 2] = False  # centre
+    block[1, 1, 1] = False  # the box corner diagonal to it
+    assert block.sum() == 34
+    assert not remove_small_components(block, 34).any()
+    assert np.array_equal(remove_small_components(block, 34), reference_components(block, 34))
+    assert remove_small_components(block, 33).sum() == 34
+    # max_voxels 1: single voxels go, pairs stay
+    pairs = np.zeros((3, 3, 9), dtype=bool)
+    pairs[1, 1, 1] = True
+    pairs[1, 1, 5:7] = True
+    assert remove_small_components(pairs, 1).sum() == 2
+
+
+def test_error_messages_name_the_values():
+    with pytest.raises(
+        ValueError, match=r"^anomaly map \(2, 4, 4\) and brain mask \(2, 4, 5\) differ$"
+    ):
+        postprocess_map(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)), PostprocessConfig())
+    with pytest.raises(
+        ValueError,
+        match=r"^PostprocessConfig.median_kernel and min_component_voxels must be >= 0, got -1, 7$",
+    ):
+        PostprocessConfig(median_kernel=-1)
+    with pytest.raises(
+        ValueError,
+        match=r"^PostprocessConfig.erode_iterations: expected 'auto' or an int >= 0, got -2$",
+    ):
+        PostprocessConfig(erode_iterations=-2)

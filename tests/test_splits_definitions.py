@@ -265,3 +265,84 @@ def test_write_read_and_select(tmp_path):
     (tmp_path / "gap.csv").write_text("subject,split,fold\na,,0\n")
     with pytest.raises(InputError, match=r"missing values in column\(s\) \['split'\]"):
         read_splits(tmp_path / "gap.csv")
+
+
+def test_dataset_splits_pass_the_configured_fractions():
+    ids = [f"s{i}" for i in range(10)]
+    options = {
+        "n_folds": 2,
+        "healthy_test_fraction": 0.5,
+        "lesion_val_fraction": 0.5,
+        "lesion_train_fraction": 0.2,
+    }
+    healthy = dataset_splits(ids, release=None, healthy=True, options=options, seed=1, where="w")
+    pd.testing.assert_frame_equal(
+        healthy, healthy_splits(ids, n_folds=2, test_fraction=0.5, seed=1)
+    )
+    lesion = dataset_splits(ids, release=None, healthy=False, options=options, seed=1, where="w")
+    pd.testing.assert_frame_equal(
+        lesion, lesion_splits(ids, n_folds=2, val_fraction=0.5, train_fraction=0.2, seed=1)
+    )
+    with pytest.raises(InputError, match=r"^w: subject s0: release split \['x'\]"):
+        dataset_splits(
+            ids, release=dict.fromkeys(ids, "x"), healthy=True, options=options, seed=1, where="w"
+        )
+
+
+def test_messages_name_the_table_and_the_offenders():
+    ids = [f"d{i}" for i in range(7)]
+    with pytest.raises(
+        InputError,
+        match=r"^lesion subjects: duplicate subject ids \['d0', 'd1', 'd2', 'd3', 'd4'\]$",
+    ):
+        lesion_splits(ids + ids, n_folds=2, val_fraction=0.5, seed=0)
+    with pytest.raises(InputError, match=r"^lesion subjects: none given, expected at least one$"):
+        lesion_splits([], n_folds=2, val_fraction=0.5, seed=0)
+    with pytest.raises(InputError, match=r"leaving 3 for training; n_folds=4 needs at least 4"):
+        healthy_splits(["a", "b", "c", "d"], n_folds=4, test_fraction=0.2, seed=0)
+    with pytest.raises(InputError, match=r"^splits table: no rows$"):
+        check_splits(GOOD.iloc[:0])
+    folds = GOOD.assign(fold=[0.5, 1.5, 2.5, 3.5, 4.5, 5.5][:4])
+    with pytest.raises(InputError, match=r"got \[0.5, 1.5, 2.5, 3.5\]$"):
+        check_splits(folds)
+    many = pd.DataFrame(
+        {"subject": list("abcdefg"), "split": ["train"] * 7, "fold": [0.5] * 6 + [1.5]}
+    )
+    with pytest.raises(InputError, match=r"got \[0.5, 1.5\]$"):
+        check_splits(many)
+    with pytest.raises(InputError, match=r"subject 'a' appears 2 times in fold 0 \(splits"):
+        check_splits(GOOD.assign(subject=["a", "a", "a", "b"]))
+    other = GOOD.assign(subject=["a", "b", "a", "c"])
+    with pytest.raises(
+        InputError,
+        match=r"fold 1 lists different subjects from fold 0 \(e.g. \['b', 'c'\]\); every fold "
+        r"must assign every subject$",
+    ):
+        check_splits(other)
+
+
+def test_files_are_named_in_errors_and_ids_stay_text(tmp_path):
+    path = tmp_path / "splits.csv"
+    with pytest.raises(InputError, match=r"splits.csv: no rows"):
+        write_splits(GOOD.iloc[:0], path)
+    with pytest.raises(InputError, match=r"missing.csv: splits file does not exist"):
+        read_splits(tmp_path / "missing.csv")
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(
+        InputError, match=r"bin.csv: not a readable splits CSV \(subject, split, fold\) \("
+    ):
+        read_splits(tmp_path / "bin.csv")
+    table = pd.DataFrame(
+        {
+            "subject": ["NA", "null", "NA", "null"],
+            "split": ["train", "val", "val", "train"],
+            "fold": [0, 0, 1, 1],
+        }
+    )
+    write_splits(table, path)
+    back = read_splits(path)
+    assert back["subject"].tolist() == ["NA", "null", "NA", "null"]  # ids, not missing values
+    with pytest.raises(InputError, match=r"splits.csv: fold 3 not present"):
+        subjects_in(path, fold=3, split="val")
+    with pytest.raises(InputError, match=r"^splits table: fold 3 not present"):
+        subjects_in(back, fold=3, split="val")
