@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,17 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_preprocess.py::test_brain_box_centre",
         "tests/test_preprocess_definitions.py",
     ],
-    "training/loop.py": ["tests/test_training.py", "tests/test_training_definitions.py"],
+    # test_training.py trains tiny models (seconds per test, hundreds of mutants of train()):
+    # its tests that train nothing, so train()'s own mutants count as "no test" here
+    "training/loop.py": [
+        "tests/test_training.py::test_sampler_resumes_mid_epoch",
+        "tests/test_training.py::test_training_run_validation",
+        "tests/test_training.py::test_training_run_device_checked_like_scoring",
+        "tests/test_training.py::test_volume_sampler_epoch_is_one_slice_per_volume",
+        "tests/test_training.py::test_balanced_sampler_halves_and_resumes",
+        "tests/test_training.py::test_steps_for_epochs_matches_the_reference",
+        "tests/test_training_definitions.py",
+    ],
 }
 
 DOC = Path("docs/testing.md")
@@ -136,43 +147,57 @@ def equivalent_names(doc: Path) -> set[str]:
 
 
 def run_module(
-    root: Path, module: str, max_children: int, equivalents: set[str], mutmut: str
+    root: Path,
+    module: str,
+    max_children: int,
+    equivalents: set[str],
+    mutmut: str,
+    reuse: bool = False,
 ) -> ModuleScore:
-    """Run mutmut on one module in its own work folder; return its counts."""
+    """Run mutmut on one module in its own work folder (``reuse``: read the results of the
+    last run there instead, e.g. after listing equivalent survivors); return its counts."""
     if module not in UNIT_TESTS:
         raise SystemExit(f"{module}: no unit tests listed in brainuad.bench.mutation.UNIT_TESTS")
     if not (root / "src/brainuad" / module).is_file():
         raise SystemExit(f"src/brainuad/{module}: no such module")
     tests = [t for t in UNIT_TESTS[module] if (root / t.partition("::")[0]).is_file()]
     work = root / ".mutation" / slug(module)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for name in ("src", "tests"):
-        (work / name).symlink_to(root / name)
-    (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
-    subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
-    subprocess.run([mutmut, "export-cicd-stats"], cwd=work, check=True)
-    stats = json.loads((work / "mutants/mutmut-cicd-stats.json").read_text())
-    results = subprocess.run(
-        [mutmut, "results"], cwd=work, check=True, capture_output=True, text=True
-    ).stdout
-    survivors = sorted(
-        line.split(":")[0].strip()
-        for line in results.splitlines()
-        if line.strip().endswith(("survived", "no tests"))
-    )
+    if reuse and not (work / "mutants").is_dir():
+        raise SystemExit(f"{work}: no results of an earlier run to reuse")
+    if not reuse:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        for name in ("src", "tests"):
+            (work / name).symlink_to(root / name)
+        (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
+        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
+    status = mutant_status(work, module)
+    counts = Counter(status.values())
+    survivors = sorted(name for name, st in status.items() if st in ("survived", "no tests"))
     (work / "survivors.txt").write_text("".join(f"{s}\n" for s in survivors))
     return ModuleScore(
         module=module,
         tests=tests,
-        killed=stats["killed"],
-        survived=stats["survived"],
-        no_tests=stats["no_tests"],
-        timeout=stats["timeout"],
-        total=stats["total"],
+        killed=counts["killed"],
+        survived=counts["survived"],
+        no_tests=counts["no tests"],
+        timeout=counts["timeout"],
+        total=len(status),
         equivalent=len(equivalents.intersection(survivors)),
     )
+
+
+def mutant_status(work: Path, module: str) -> dict[str, str]:
+    """Mutant name -> mutmut's status (killed, survived, no tests, timeout, ...), read from
+    the ``.meta`` file mutmut keeps next to the mutated module."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = work / "mutants/src/brainuad" / f"{module}.meta"
+    if not meta.is_file():
+        raise SystemExit(f"{meta}: no mutmut results")
+    exit_codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: status_by_exit_code[code] for name, code in exit_codes.items()}
 
 
 def table_row(score: ModuleScore, date: str, commit: str) -> str:
@@ -222,20 +247,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-doc", action="store_true", help="print, but leave docs/testing.md")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="rescore the last run's results in .mutation/ (e.g. after listing equivalents)",
+    )
     args = parser.parse_args(argv)
     root = Path.cwd()
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
     equivalents = equivalent_names(root / DOC)
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     commit = git_commit(root)
-    rows = {}
+    command = "make mutation MODULES=" + shlex.quote(" ".join(args.modules))
     for module in args.modules:
-        score = run_module(root, module, args.max_children, equivalents, mutmut)
-        rows[module] = table_row(score, date, commit)
-        print(rows[module], flush=True)
-    if not args.no_doc:
-        command = "make mutation MODULES=" + shlex.quote(" ".join(args.modules))
-        update_doc(root / DOC, rows, command)
+        score = run_module(root, module, args.max_children, equivalents, mutmut, args.reuse)
+        row = table_row(score, date, commit)
+        print(row, flush=True)
+        if not args.no_doc:  # after each module, so a long run's finished modules are kept
+            update_doc(root / DOC, {module: row}, command)
 
 
 if __name__ == "__main__":
