@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: setup study test test-all lint unit clean-results
+.PHONY: setup study test test-all lint unit mutation clean-results
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,13 @@ test: lint
 test-all: lint
 	$(BIN)/pytest -q
 
+## Mutation testing (mutmut) of chosen modules against their own unit tests; writes the
+## scores into docs/testing.md. A periodic check, not part of CI. Example:
+##   make mutation MODULES="evaluation/postprocess.py slices/splits.py"
+MODULES ?= evaluation/postprocess.py slices/splits.py preprocess/normalise.py preprocess/crop.py
+mutation: setup
+	$(BIN)/python -m pip install --quiet -e ".[test,mutation]"
+	$(BIN)/python -m brainuad.bench.mutation $(MODULES)
+
 clean-results:
-	rm -rf results logs benchmarks .snakemake
+	rm -rf results logs benchmarks .snakemake .mutation

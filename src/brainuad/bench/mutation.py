@@ -1,0 +1,271 @@
+"""Mutation testing of chosen modules with mutmut, each against its own unit tests only.
+
+Run as ``python -m brainuad.bench.mutation evaluation/postprocess.py slices/splits.py``
+(``make mutation MODULES="..."``). For each module (a path under ``src/brainuad/``) it writes
+a work folder ``.mutation/<module>/`` holding links to ``src`` and ``tests`` and a
+``pyproject.toml`` whose ``[tool.mutmut]`` is the repository's, narrowed to that module
+(``only_mutate``) and to its unit tests (``UNIT_TESTS``), runs ``mutmut run`` there, and
+writes the counts into the scores table of ``docs/testing.md`` with the date, the commit and
+the command. The surviving mutants' names go to ``.mutation/<module>/survivors.txt``
+(``mutmut show NAME`` in that folder prints one's diff).
+
+The score is (killed + timed out) / all mutants; mutants that no selected test reaches count
+as survivors. The adjusted score leaves out the survivors listed as equivalent (no
+observable difference) in ``docs/testing.md``, each under its full mutmut name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# Each core module's own unit tests: the files whose tests are written for it (mutmut runs,
+# for each mutant, only those of these tests that execute the mutated function).
+UNIT_TESTS: dict[str, list[str]] = {
+    "evaluation/postprocess.py": [
+        "tests/test_postprocess.py",
+        "tests/test_postprocess_definitions.py",
+    ],
+    "evaluation/metrics.py": ["tests/test_metrics.py"],
+    "evaluation/calibration.py": ["tests/test_calibration.py"],
+    "evaluation/aggregate.py": ["tests/test_aggregate.py", "tests/test_aggregate_definitions.py"],
+    "evaluation/tables.py": ["tests/test_tables.py", "tests/test_tables_definitions.py"],
+    "slices/splits.py": ["tests/test_splits.py", "tests/test_splits_definitions.py"],
+    "slices/extract.py": ["tests/test_slices.py", "tests/test_slices_definitions.py"],
+    "slices/hdf5.py": ["tests/test_slices.py", "tests/test_slices_definitions.py"],
+    # test_preprocess.py runs the whole pipeline (ANTs registration) too: its unit tests only
+    "preprocess/normalise.py": [
+        "tests/test_preprocess.py::test_percentile_normalise_maps_brain_to_unit_interval",
+        "tests/test_preprocess_definitions.py",
+    ],
+    "preprocess/crop.py": [
+        "tests/test_preprocess.py::test_crop_or_pad_shape_and_world_coordinates",
+        "tests/test_preprocess.py::test_brain_box_centre",
+        "tests/test_preprocess_definitions.py",
+    ],
+    # test_training.py trains tiny models (seconds per test, hundreds of mutants of train()):
+    # its tests that train nothing, so train()'s own mutants count as "no test" here
+    "training/loop.py": [
+        "tests/test_training.py::test_sampler_resumes_mid_epoch",
+        "tests/test_training.py::test_training_run_validation",
+        "tests/test_training.py::test_training_run_device_checked_like_scoring",
+        "tests/test_training.py::test_volume_sampler_epoch_is_one_slice_per_volume",
+        "tests/test_training.py::test_balanced_sampler_halves_and_resumes",
+        "tests/test_training.py::test_steps_for_epochs_matches_the_reference",
+        "tests/test_training_definitions.py",
+    ],
+}
+
+DOC = Path("docs/testing.md")
+TABLE_START = "<!-- mutation-scores:start -->"
+TABLE_END = "<!-- mutation-scores:end -->"
+EQUIVALENT_HEADING = "## Equivalent survivors"
+HEADER = (
+    "| Module | Unit tests | Killed | Survived | No test | Timeout | Total | Score | "
+    "Adjusted | Date | Commit |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+)
+
+
+@dataclass(frozen=True)
+class ModuleScore:
+    """Counts of one module's mutants after a mutmut run."""
+
+    module: str
+    tests: list[str]
+    killed: int
+    survived: int
+    no_tests: int
+    timeout: int
+    total: int
+    equivalent: int
+
+    @property
+    def score(self) -> float:
+        return (self.killed + self.timeout) / self.total if self.total else float("nan")
+
+    @property
+    def adjusted(self) -> float:
+        kept = self.total - self.equivalent
+        return (self.killed + self.timeout) / kept if kept else float("nan")
+
+
+def slug(module: str) -> str:
+    """Work-folder name of a module: ``evaluation/postprocess.py`` -> ``evaluation.postprocess``."""
+    return module.removesuffix(".py").replace("/", ".")
+
+
+def toml_value(value: object) -> str:
+    """TOML for the flat values a ``[tool.mutmut]`` table holds (JSON's syntax is TOML's here)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float | list):
+        return json.dumps(value)
+    raise TypeError(f"[tool.mutmut]: unsupported value {value!r}")
+
+
+def toml_table(name: str, table: dict) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items())
+
+
+def work_pyproject(root: Path, module: str, tests: list[str]) -> str:
+    """The work folder's pyproject: pytest's settings and [tool.mutmut] narrowed to a module."""
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    tool = data.get("tool", {})
+    mutmut = dict(tool.get("mutmut", {}))
+    mutmut["source_paths"] = ["src"]
+    mutmut["only_mutate"] = [f"src/brainuad/{module}"]
+    mutmut["pytest_add_cli_args_test_selection"] = tests
+    mutmut.setdefault("also_copy", ["tests"])
+    return (
+        toml_table("tool.pytest.ini_options", tool.get("pytest", {}).get("ini_options", {}))
+        + "\n"
+        + toml_table("tool.mutmut", mutmut)
+    )
+
+
+def equivalent_names(doc: Path) -> set[str]:
+    """Mutant names listed (in backticks) under the doc's equivalent-survivors heading."""
+    if not doc.exists():
+        return set()
+    text = doc.read_text()
+    if EQUIVALENT_HEADING not in text:
+        return set()
+    section = text.split(EQUIVALENT_HEADING, 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"`(brainuad\.[^`\s]+__mutmut_\d+)`", section))
+
+
+def run_module(
+    root: Path,
+    module: str,
+    max_children: int,
+    equivalents: set[str],
+    mutmut: str,
+    reuse: bool = False,
+) -> ModuleScore:
+    """Run mutmut on one module in its own work folder (``reuse``: read the results of the
+    last run there instead, e.g. after listing equivalent survivors); return its counts."""
+    if module not in UNIT_TESTS:
+        raise SystemExit(f"{module}: no unit tests listed in brainuad.bench.mutation.UNIT_TESTS")
+    if not (root / "src/brainuad" / module).is_file():
+        raise SystemExit(f"src/brainuad/{module}: no such module")
+    tests = [t for t in UNIT_TESTS[module] if (root / t.partition("::")[0]).is_file()]
+    work = root / ".mutation" / slug(module)
+    if reuse and not (work / "mutants").is_dir():
+        raise SystemExit(f"{work}: no results of an earlier run to reuse")
+    if not reuse:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        for name in ("src", "tests"):
+            (work / name).symlink_to(root / name)
+        (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
+        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
+    status = mutant_status(work, module)
+    counts = Counter(status.values())
+    survivors = sorted(name for name, st in status.items() if st in ("survived", "no tests"))
+    (work / "survivors.txt").write_text("".join(f"{s}\n" for s in survivors))
+    return ModuleScore(
+        module=module,
+        tests=tests,
+        killed=counts["killed"],
+        survived=counts["survived"],
+        no_tests=counts["no tests"],
+        timeout=counts["timeout"],
+        total=len(status),
+        equivalent=len(equivalents.intersection(survivors)),
+    )
+
+
+def mutant_status(work: Path, module: str) -> dict[str, str]:
+    """Mutant name -> mutmut's status (killed, survived, no tests, timeout, ...), read from
+    the ``.meta`` file mutmut keeps next to the mutated module."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = work / "mutants/src/brainuad" / f"{module}.meta"
+    if not meta.is_file():
+        raise SystemExit(f"{meta}: no mutmut results")
+    exit_codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: status_by_exit_code[code] for name, code in exit_codes.items()}
+
+
+def table_row(score: ModuleScore, date: str, commit: str) -> str:
+    tests = ", ".join(
+        f"`{Path(t).name}`" for t in dict.fromkeys(t.partition("::")[0] for t in score.tests)
+    )
+    return (
+        f"| `{score.module}` | {tests} | {score.killed} | {score.survived} | {score.no_tests} | "
+        f"{score.timeout} | {score.total} | {score.score:.0%} | {score.adjusted:.0%} | "
+        f"{date} | {commit} |"
+    )
+
+
+def update_doc(doc: Path, rows: dict[str, str], command: str) -> None:
+    """Replace the rows of the modules just run in the scores table; keep the others."""
+    text = doc.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{doc}: no {TABLE_START} ... {TABLE_END} block for the scores")
+    before, rest = text.split(TABLE_START, 1)
+    block, after = rest.split(TABLE_END, 1)
+    kept = {
+        m.group(1): line for line in block.splitlines() if (m := re.match(r"\| `([^`]+)` \|", line))
+    }
+    kept.update(rows)
+    last = f"Last run: `{command}`"
+    body = "\n".join(kept[m] for m in sorted(kept))
+    doc.write_text(f"{before}{TABLE_START}\n{last}\n\n{HEADER}\n{body}\n{TABLE_END}{after}")
+
+
+def git_commit(root: Path) -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "src", "tests"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "modules", nargs="+", help="paths under src/brainuad/, e.g. slices/splits.py"
+    )
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--no-doc", action="store_true", help="print, but leave docs/testing.md")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="rescore the last run's results in .mutation/ (e.g. after listing equivalents)",
+    )
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
+    equivalents = equivalent_names(root / DOC)
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    commit = git_commit(root)
+    command = "make mutation MODULES=" + shlex.quote(" ".join(args.modules))
+    for module in args.modules:
+        score = run_module(root, module, args.max_children, equivalents, mutmut, args.reuse)
+        row = table_row(score, date, commit)
+        print(row, flush=True)
+        if not args.no_doc:  # after each module, so a long run's finished modules are kept
+            update_doc(root / DOC, {module: row}, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Aggregation against its definitions: the pooled precision-recall curve uses exactly the
+post-processed scores of the voxels inside each subject's eroded brain mask, prevalence is
+pooled (sum of lesion voxels over sum of region voxels, not a mean of ratios), and the
+bookkeeping columns never get a table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainuad.errors import InputError
+from brainuad.evaluation import aggregate
+from brainuad.evaluation.aggregate import (
+    lesion_prevalence,
+    pooled_pr_curve,
+    prevalence_note,
+    slice_level_fold_values,
+    tabulated_metrics,
+)
+from brainuad.evaluation.postprocess import PostprocessConfig, erode_brainmask, postprocess_map
+from brainuad.evaluation.tables import collect_metrics
+from brainuad.io.scores import ScoresWriter
+from brainuad.slices.hdf5 import SliceFile, SliceWriter
+
+H = W = 16
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """Three subjects of 5 slices with irregular brains, random maps; s2 has no lesion."""
+    rng = np.random.default_rng(0)
+    slice_path = tmp_path / "cohort.h5"
+    volumes = {}
+    with SliceWriter(slice_path, sequences=["t2"], height=H, width=W) as writer:
+        for subject in ("s0", "s1", "s2"):
+            brain = np.zeros((5, H, W), np.uint8)
+            brain[:, 2:14, 3:13] = 1
+            brain[:, 2:6, 3:7] = 0  # not a box
+            seg = np.zeros_like(brain)
+            if subject != "s2":
+                seg[1:4, 7:11, 6:10] = 1
+            images = (brain[:, None] * 0.5).astype(np.float32)
+            writer.append_subject(subject, images, brain, seg, np.arange(5))
+            amap = (rng.random((5, H, W)) + seg).astype(np.float32)
+            volumes[subject] = (brain, seg, amap)
+    slices = SliceFile(slice_path)
+    paths = {}
+    for name, subjects in (("all", ["s0", "s1", "s2"]), ("healthy", ["s2"])):
+        rows = slices.rows_for_subjects(subjects)
+        amaps = np.concatenate([volumes[s][2] for s in subjects])
+        paths[name] = tmp_path / f"{name}.h5"
+        attrs = {"method": "m", "fold": 0, "dataset": "toy", "split": "test"}
+        with ScoresWriter(
+            paths[name], rows=rows[::-1], height=H, width=W, channels=None, attrs=attrs
+        ) as writer:
+            writer.write(amaps[::-1])
+    slices.close()
+    return slice_path, paths, volumes
+
+
+def test_pooled_pr_curve_uses_postprocessed_scores_inside_the_eroded_mask(cohort, monkeypatch):
+    slice_path, paths, volumes = cohort
+    cfg = PostprocessConfig(erode_iterations=1, median_kernel=3, min_component_voxels=0)
+    seen = {}
+
+    def capture(scores, labels):
+        seen["scores"], seen["labels"] = np.asarray(scores), np.asarray(labels)
+        return np.array([1.0]), np.array([1.0])
+
+    monkeypatch.setattr(aggregate, "pr_curve_from_arrays", capture)
+    assert pooled_pr_curve(slice_path, paths["all"], cfg) is not None
+    expected_scores, expected_labels = [], []
+    for brain, seg, amap in volumes.values():
+        region = erode_brainmask(brain, cfg)
+        expected_scores.append(postprocess_map(amap, brain, cfg)[region])
+        expected_labels.append(seg[region])
+    expected = np.stack([np.concatenate(expected_scores), np.concatenate(expected_labels)])
+    got = np.stack([seen["scores"].astype(np.float64), seen["labels"].astype(np.float64)])
+    # the same voxels (as (score, label) pairs; the order of subjects is free)
+    order_e = np.lexsort(expected[::-1])
+    order_g = np.lexsort(got[::-1])
+    np.testing.assert_allclose(got[:, order_g], expected[:, order_e], rtol=1e-6)
+
+
+def test_pooled_pr_curve_is_none_without_lesion_voxels(cohort):
+    slice_path, paths, _ = cohort
+    assert pooled_pr_curve(slice_path, paths["healthy"], PostprocessConfig()) is None
+    precision, recall = pooled_pr_curve(slice_path, paths["all"], PostprocessConfig())
+    assert recall[0] == 1.0 and recall[-1] == 0.0 and precision.shape == recall.shape
+
+
+def _metrics(path, lesion, region):
+    pd.DataFrame(
+        {
+            "subject": [f"x{i}" for i in range(len(lesion))],
+            "has_lesion": [v > 0 for v in lesion],
+            "dice@healthy_fpr_5": [0.5] * len(lesion),
+            "true_volume_voxels": lesion,
+            "region_voxels": region,
+        }
+    ).to_csv(path, index=False)
+    return path
+
+
+def test_prevalence_is_pooled_over_subjects_and_folds(tmp_path):
+    paths = {
+        ("a", 0, "brats"): _metrics(tmp_path / "a0.csv", [30, 0], [1000, 500]),
+        ("a", 1, "brats"): _metrics(tmp_path / "a1.csv", [10], [500]),
+        ("b", 0, "brats"): _metrics(tmp_path / "b0.csv", [30, 0], [800, 200]),
+        ("b", 1, "brats"): _metrics(tmp_path / "b1.csv", [10], [1000]),
+    }
+    prevalence = lesion_prevalence(collect_metrics(paths))
+    assert list(prevalence.columns) == ["dataset", "method", "lesion_prevalence"]
+    values = prevalence.set_index("method")["lesion_prevalence"]
+    assert values["a"] == pytest.approx(40 / 2000)  # not mean(0.03, 0, 0.02)
+    assert values["b"] == pytest.approx(40 / 2000)
+    note = prevalence_note(prevalence, ["brats"], ["b", "a"])
+    assert note == (
+        "Lesion prevalence (lesion fraction of the evaluated brain voxels of the test "
+        "subjects, the AUPRC of a random score): brats 2.00 %."
+    )
+    paths[("b", 1, "brats")] = _metrics(tmp_path / "b1.csv", [10], [3000])
+    prevalence = lesion_prevalence(collect_metrics(paths))
+    note = prevalence_note(prevalence, ["brats", "ixi"], ["b", "a"])
+    assert note.endswith("brats 1.00 % (b), 2.00 % (a).")
+    assert prevalence_note(prevalence, ["ixi"], ["a"]) is None
+    # without the count columns: no prevalence at all
+    only_dice = {
+        ("a", 0, "brats"): tmp_path / "d.csv",
+    }
+    pd.DataFrame({"subject": ["x"], "has_lesion": [True], "dice@healthy_fpr_5": [0.1]}).to_csv(
+        only_dice[("a", 0, "brats")], index=False
+    )
+    empty = lesion_prevalence(collect_metrics(only_dice))
+    assert empty.empty and list(empty.columns) == ["dataset", "method", "lesion_prevalence"]
+
+
+def test_tabulated_metrics_skip_bookkeeping_and_refuse_unknown():
+    columns = [
+        "dice@healthy_fpr_5",
+        "n_slices",
+        "has_lesion",
+        "region_voxels",
+        "true_volume_voxels",
+        "oracle_threshold",
+        "pred_volume_voxels@healthy_fpr_5",
+        "auprc",
+    ]
+    assert tabulated_metrics(columns) == ["dice@healthy_fpr_5", "auprc"]
+    with pytest.raises(InputError, match="unknown base name 'dcie'"):
+        tabulated_metrics(["auprc", "dcie@healthy_fpr_5"])
+
+
+def test_slice_level_fold_values(tmp_path):
+    summaries = {}
+    for fold, level in enumerate(
+        ({"slice_auroc": 0.8, "slice_auprc": None, "n_slices": 40}, {"slice_auroc": 0.6})
+    ):
+        summaries[("m", fold, "brats")] = tmp_path / f"s{fold}.json"
+        summaries[("m", fold, "brats")].write_text(json.dumps({"slice_level": level}))
+    table = slice_level_fold_values(summaries)
+    assert list(table.columns) == ["method", "dataset", "fold", "metric", "mean", "n"]
+    rows = {(r.fold, r.metric): (r.mean, r.n) for r in table.itertuples()}
+    assert rows[(0, "slice_auroc")] == (0.8, 40)
+    assert np.isnan(rows[(0, "slice_auprc")][0]) and rows[(0, "slice_auprc")][1] == 40
+    assert rows[(1, "slice_auroc")] == (0.6, 0)
+    assert np.isnan(rows[(1, "slice_auprc")][0])
+    assert set(table["method"]) == {"m"} and set(table["dataset"]) == {"brats"}
+
+
+def test_threshold_for_a_missing_protocol_is_an_error(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"thresholds": {"healthy_fpr_5": {"threshold": 0.25}}}))
+    assert aggregate._threshold(path, "brats", "healthy_fpr_5") == 0.25
+    with pytest.raises(InputError, match=r"t.json: no threshold for protocol 'healthy_fpr_1'"):
+        aggregate._threshold(path, "brats", "healthy_fpr_1")

@@ -1,0 +1,408 @@
+"""The slice file against its documented contract (module docstring of
+``brainuad.slices.hdf5``): dtypes, chunking, the slice label rule (``>= min_lesion_pixels``
+lesion pixels), binarised masks, refused inputs, and the readers' row, channel and part
+bookkeeping, on tiny hand-made slices."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+
+from brainuad.errors import InputError
+from brainuad.slices.hdf5 import (
+    CONTRACT_VERSION,
+    ConcatSliceDataset,
+    SliceDataset,
+    SliceFile,
+    SliceWriter,
+)
+
+H, W = 8, 6
+
+
+def _subject(n, seed, lesion_pixels):
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, 2, H, W)).astype(np.float64)
+    brain = np.zeros((n, H, W), np.uint8)
+    brain[:, 1:7, 1:5] = 2  # any non-zero value is brain
+    seg = np.zeros((n, H, W), np.uint8)
+    for i, k in enumerate(lesion_pixels):
+        seg[i].flat[:k] = 2  # lesion label values are kept
+    return images, brain, seg
+
+
+@pytest.fixture
+def slice_path(tmp_path):
+    path = tmp_path / "s.h5"
+    with SliceWriter(
+        path,
+        sequences=["t1", "t2"],
+        height=H,
+        width=W,
+        attrs={"dataset": "toy", "spacing": [1.0, 2.0], "n": 3},
+        min_lesion_pixels=3,
+        with_ignore=True,
+    ) as writer:
+        for subject, seed, pixels, index in (
+            ("b", 0, [0, 2, 3], [4, 5, 6]),
+            ("a", 1, [5, 0], [10, 11]),
+        ):
+            images, brain, seg = _subject(len(pixels), seed, pixels)
+            ignore = (seg > 0).astype(np.uint8) * 7
+            writer.append_subject(subject, images, brain, seg, np.array(index), ignore=ignore)
+    return path
+
+
+def test_writer_follows_the_contract(slice_path):
+    with h5py.File(slice_path, "r") as f:
+        assert f["images"].dtype == np.float32 and f["images"].shape == (5, 2, H, W)
+        assert f["images"].chunks == (1, 2, H, W) and f["images"].compression == "lzf"
+        for name in ("brainmask", "seg", "ignore"):
+            assert f[name].dtype == np.uint8 and f[name].chunks == (1, H, W)
+            assert f[name].compression == "lzf"
+        assert f["label"].dtype == np.uint8 and f["slice_index"].dtype == np.int32
+        # label: at least min_lesion_pixels (3) lesion pixels
+        assert f["label"][:].tolist() == [0, 0, 1, 1, 0]
+        assert set(np.unique(f["brainmask"][:])) == {0, 1}
+        assert set(np.unique(f["ignore"][:])) == {0, 1}
+        assert f["seg"][:].max() == 2  # labels kept as they are
+        assert f["slice_index"][:].tolist() == [4, 5, 6, 10, 11]
+        assert f["subject"].asstr()[:].tolist() == ["b", "b", "b", "a", "a"]
+        assert json.loads(f.attrs["sequences"]) == ["t1", "t2"]
+        assert f.attrs["contract_version"] == CONTRACT_VERSION
+        assert f.attrs["min_lesion_pixels"] == 3
+        assert f.attrs["dataset"] == "toy" and f.attrs["n"] == 3
+        assert json.loads(f.attrs["spacing"]) == [1.0, 2.0]
+    images, _, _ = _subject(3, 0, [0, 2, 3])
+    np.testing.assert_array_equal(
+        SliceFile(slice_path).read([0, 1, 2])["images"], images.astype(np.float32)
+    )
+
+
+def test_default_label_is_any_lesion_pixel(tmp_path):
+    path = tmp_path / "d.h5"
+    with SliceWriter(path, sequences=["t2"], height=H, width=W) as writer:
+        images, brain, seg = _subject(3, 0, [0, 1, 4])
+        writer.append_subject("s", images[:, :1], brain, seg, np.arange(3))
+    slices = SliceFile(path)
+    assert slices.labels.tolist() == [0, 1, 1]
+    assert slices.attrs["min_lesion_pixels"] == 1
+    assert "ignore" not in slices.read([0])
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -2])
+def test_writer_refuses_bad_min_lesion_pixels(tmp_path, bad):
+    with pytest.raises(InputError, match=r"slices.min_lesion_pixels: .* expected an integer ≥ 1"):
+        SliceWriter(tmp_path / "x.h5", sequences=["t2"], height=H, width=W, min_lesion_pixels=bad)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_writer_refuses_misfit_arrays_and_writes_nothing_on_error(tmp_path):
+    path = tmp_path / "w.h5"
+    images, brain, seg = _subject(2, 0, [0, 0])
+    with pytest.raises(InputError, match=r"attrs \['contract_version', 'sequences'\] are reserved"):
+        SliceWriter(
+            path,
+            sequences=["a", "b"],
+            height=H,
+            width=W,
+            attrs={"sequences": 1, "contract_version": 2},
+        )
+    cases = [
+        (
+            (images[:, :1], brain, seg, None),
+            r"s: images shape \(2, 1, 8, 6\), expected \(2, 2, 8, 6\)",
+        ),
+        (
+            (images, brain[:, :4], seg, None),
+            r"s: brainmask \(2, 4, 6\) / seg \(2, 8, 6\) do not match",
+        ),
+        ((images, brain, seg[:1], None), r"brainmask \(2, 8, 6\) / seg \(1, 8, 6\)"),
+        (
+            (images, brain, seg, seg),
+            r"ignore mask \(2, 8, 6\) does not fit a writer with_ignore=False",
+        ),
+    ]
+    for args, match in cases:
+        with (
+            pytest.raises(ValueError, match=match),
+            SliceWriter(path, sequences=["a", "b"], height=H, width=W) as writer,
+        ):
+            writer.append_subject("s", *args[:3], np.arange(2), ignore=args[3])
+        assert not path.exists()
+    for ignore in (None, seg[:, :4]):
+        with (
+            pytest.raises(ValueError, match="does not fit a writer with_ignore=True"),
+            SliceWriter(path, sequences=["a", "b"], height=H, width=W, with_ignore=True) as w,
+        ):
+            w.append_subject("s", images, brain, seg, np.arange(2), ignore=ignore)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_slice_file_reads_rows_channels_and_subjects(slice_path):
+    slices = SliceFile(slice_path)
+    assert len(slices) == 5 and slices.shape == (5, 2, H, W)
+    assert slices.sequences == ["t1", "t2"]
+    assert slices.channel_indices(None) == [0, 1]
+    assert slices.channel_indices(["t2", "t1"]) == [1, 0]
+    for bad in (["t1", "flair"], []):
+        with pytest.raises(
+            InputError, match=r"s.h5: sequences .* requested, the file holds \['t1', 't2'\]"
+        ):
+            slices.channel_indices(bad)
+    assert slices.rows_for_subjects(["a"]).tolist() == [3, 4]
+    assert slices.rows_for_subjects(["a", "b"]).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(InputError, match=r"subjects not in slice file: \['c'\]"):
+        slices.rows_for_subjects(["a", "c"])
+    data = slices.read([4, 0, 4])
+    assert data["row"].tolist() == [4, 0, 4]
+    assert data["subject"].tolist() == ["a", "b", "a"]
+    assert data["slice_index"].tolist() == [11, 4, 11]
+    assert data["label"].tolist() == [0, 0, 0]
+    assert data["ignore"].shape == (3, H, W)
+    np.testing.assert_array_equal(data["seg"][1], slices.read([0])["seg"][0])
+    _ = slices.file
+    clone = pickle.loads(pickle.dumps(slices))  # workers open their own handle
+    assert clone._file is None and clone.read([1])["row"].tolist() == [1]
+    slices.close()
+    assert slices._file is None
+
+
+def test_slice_file_refuses_other_files(tmp_path, slice_path):
+    missing = tmp_path / "m.h5"
+    with h5py.File(missing, "w") as f:
+        f.create_dataset("images", data=np.zeros((1, 1, 2, 2)))
+    expected = r"m.h5: .*missing \[.attrs\[.sequences.\]., 'brainmask', 'label'"
+    with pytest.raises(InputError, match=expected):
+        SliceFile(missing)
+    with h5py.File(slice_path, "a") as f:
+        f.attrs["contract_version"] = CONTRACT_VERSION + 1
+    with pytest.raises(
+        InputError, match=f"contract_version {CONTRACT_VERSION + 1}, this version reads"
+    ):
+        SliceFile(slice_path)
+
+
+def test_slice_dataset_items_and_selections(slice_path):
+    torch = pytest.importorskip("torch")
+    everything = SliceDataset(slice_path)
+    assert len(everything) == 5 and everything.rows.tolist() == [0, 1, 2, 3, 4]
+    by_subject = SliceDataset(slice_path, subjects=["a"], sequences=["t2"])
+    assert by_subject.rows.tolist() == [3, 4] and by_subject.subjects.tolist() == ["a", "a"]
+    assert by_subject.labels.tolist() == [1, 0]
+    item = by_subject[0]
+    raw = SliceFile(slice_path).read([3])
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (1, H, W)
+    np.testing.assert_array_equal(item["image"].numpy()[0], raw["images"][0, 1])
+    assert item["brainmask"].dtype == torch.float32 and item["brainmask"].shape == (1, H, W)
+    np.testing.assert_array_equal(item["brainmask"].numpy()[0], raw["brainmask"][0])
+    assert item["seg"].dtype == torch.uint8 and item["seg"].shape == (H, W)
+    assert item["label"] == 1 and isinstance(item["label"], int) and item["row"] == 3
+    by_rows = SliceDataset(slice_path, subjects=["a"], rows=np.array([2, 0]))
+    assert by_rows.rows.tolist() == [2, 0] and by_rows[1]["row"] == 0
+    same = SliceDataset(slice_path, size=W)
+    assert same.size is None
+    resized = SliceDataset(slice_path, size=4)[2]
+    assert resized["image"].shape == (2, 4, 4) and resized["brainmask"].shape == (1, 4, 4)
+    assert resized["seg"].shape == (4, 4)
+    assert set(torch.unique(resized["brainmask"]).tolist()) <= {0.0, 1.0}
+
+
+def test_concatenated_datasets_index_across_parts(slice_path):
+    pytest.importorskip("torch")
+    first = SliceDataset(slice_path, subjects=["b"])
+    second = SliceDataset(slice_path, subjects=["a"])
+    both = ConcatSliceDataset([first, second], ["ixi", "brats"])
+    assert len(both) == 5
+    assert both.subjects.tolist() == ["ixi/b"] * 3 + ["brats/a"] * 2
+    assert both.labels.tolist() == [0, 0, 1, 1, 0]
+    assert [both[i]["row"] for i in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(InputError, match="one name per part, at least one part"):
+        ConcatSliceDataset([first], ["a", "b"])
+    with pytest.raises(InputError, match="one name per part, at least one part"):
+        ConcatSliceDataset([], [])
+
+
+# --- extraction: hand-made RAS volumes -------------------------------------------------------
+
+X, Y, Z = 6, 3, 5  # R, A, S
+
+
+def _volumes(tmp_path, *, seg_values=None, seg_dtype=np.uint8, affine=None):
+    """A RAS volume whose value encodes its voxel, a brain of known area per axial slice."""
+    from brainuad.io.nifti import save_nifti
+
+    affine = np.eye(4) if affine is None else affine
+    x, y, z = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
+    image = (100 * z + 10 * y + x + 1).astype(np.float32)
+    mask = np.zeros((X, Y, Z), np.uint8)
+    mask[:, :, 1] = 1  # area 18 (the largest)
+    mask[:3, :3, 2] = 1  # area 9: exactly half
+    mask[:2, :3, 3] = 1  # area 6: a third
+    seg = np.zeros((X, Y, Z), np.uint8) if seg_values is None else seg_values
+    files = {"t1": tmp_path / "t1.nii.gz", "t2": tmp_path / "t2.nii.gz"}
+    save_nifti(image, affine, files["t1"], dtype=np.float32)
+    save_nifti(-image, affine, files["t2"], dtype=np.float32)
+    files["brainmask"] = tmp_path / "mask.nii.gz"
+    save_nifti(mask, affine, files["brainmask"], dtype=np.uint8)
+    files["seg"] = tmp_path / "seg.nii.gz"
+    save_nifti(seg, affine, files["seg"], dtype=seg_dtype)
+    return files, image, mask
+
+
+def _extract(files, **kwargs):
+    from brainuad.slices.extract import extract_subject_slices
+
+    options = {"sequences": ["t2", "t1"], "size": 6, "min_brain_fraction": 0.5, **kwargs}
+    return extract_subject_slices(
+        images={"t1": files["t1"], "t2": files["t2"]},
+        brainmask=files["brainmask"],
+        seg=files["seg"],
+        **options,
+    )
+
+
+def test_extraction_keeps_orients_and_pads_by_hand(tmp_path):
+    files, image, mask = _volumes(tmp_path)
+    out = _extract(files)
+    assert out.slice_index.tolist() == [1, 2]  # area >= half of the largest; 0 never
+    assert out.slice_index.dtype == np.int32 and len(out) == 2
+    assert out.images.shape == (2, 2, 6, 6) and out.images.dtype == np.float32
+    # Y = 3 rows padded to 6: one row above, two below; rows run anterior (high y) first,
+    # columns left to right (x)
+    for i, k in enumerate((1, 2)):
+        for r in range(3):
+            for c in range(X):
+                inside = mask[c, 2 - r, k] > 0
+                expected = image[c, 2 - r, k] if inside else 0.0
+                assert out.images[i, 1, 1 + r, c] == expected  # t1, second channel
+                assert out.images[i, 0, 1 + r, c] == -expected  # t2 first, as asked
+                assert out.brainmask[i, 1 + r, c] == inside
+        assert not out.brainmask[i, 0].any() and not out.brainmask[i, 4:].any()
+    assert out.ignore is None
+    kept = _extract(files, min_brain_fraction=0.3)
+    assert kept.slice_index.tolist() == [1, 2, 3]
+    everything = _extract(files, min_brain_fraction=0.0)
+    assert everything.slice_index.tolist() == [1, 2, 3]  # slices without brain: dropped
+
+
+def test_extraction_label_conventions_and_resizing(tmp_path):
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[0, 0, 1], seg[1, 0, 1], seg[2, 0, 1], seg[3, 0, 1] = 1, 2, 4, 3
+    files, _, _ = _volumes(tmp_path, seg_values=seg)
+    out = _extract(files, lesion_labels=[1, 4], ignore_labels=[2])
+    row = out.seg[0, 3]  # y = 0 is the posterior row: 1 + 2
+    assert row[:4].tolist() == [1, 0, 4, 0]  # 2 (ignored) and 3 (not a lesion) dropped
+    assert out.ignore[0, 3, :4].tolist() == [0, 1, 0, 0]
+    assert out.ignore.dtype == np.uint8
+    every = _extract(files)
+    assert every.seg[0, 3, :4].tolist() == [1, 2, 4, 3]
+    big = _extract(files, size=12)
+    assert big.images.shape == (2, 2, 12, 12)
+    assert set(np.unique(big.seg)) == {0, 1, 2, 3, 4}  # nearest: label values preserved
+    assert set(np.unique(big.brainmask)) == {0, 1}
+    assert not big.images[:, :, big.brainmask[0] == 0][0].any()  # 0 outside the brain
+
+
+def test_extraction_refuses_bad_inputs(tmp_path):
+    from brainuad.slices.extract import extract_subject_slices
+
+    files, _, _ = _volumes(tmp_path)
+    with pytest.raises(InputError, match="sequences: expected at least one sequence name"):
+        _extract(files, sequences=[])
+    with pytest.raises(InputError, match=r"images: missing sequence\(s\) \['flair'\]"):
+        _extract(files, sequences=["t1", "flair"])
+    for size in (0, 2.5):
+        with pytest.raises(InputError, match="size: expected a positive integer"):
+            _extract(files, size=size)
+    for fraction in (-0.1, 1.1):
+        with pytest.raises(InputError, match=r"min_brain_fraction: expected a value in \[0, 1\]"):
+            _extract(files, min_brain_fraction=fraction)
+    floats = np.zeros((X, Y, Z), np.float32)
+    floats[0, 0, 1] = 1.5
+    (tmp_path / "f").mkdir()
+    bad, _, _ = _volumes(tmp_path / "f", seg_values=floats, seg_dtype=np.float32)
+    with pytest.raises(InputError, match=r"seg.nii.gz: segmentation has non-integer values"):
+        _extract(bad)
+    big = np.zeros((X, Y, Z), np.int16)
+    big[0, 0, 1] = 300
+    (tmp_path / "b").mkdir()
+    bad, _, _ = _volumes(tmp_path / "b", seg_values=big, seg_dtype=np.int16)
+    with pytest.raises(InputError, match=r"segmentation values span 0..300, expected 0..255"):
+        _extract(bad)
+    from brainuad.io.nifti import save_nifti
+
+    save_nifti(np.zeros((X, Y, Z), np.uint8), np.eye(4), files["brainmask"], dtype=np.uint8)
+    with pytest.raises(InputError, match=r"mask.nii.gz: brain mask is empty"):
+        extract_subject_slices(
+            images={"t1": files["t1"]},
+            brainmask=files["brainmask"],
+            seg=files["seg"],
+            sequences=["t1"],
+            size=6,
+            min_brain_fraction=0.5,
+        )
+
+
+def test_build_slice_file_records_settings_and_counts(tmp_path):
+    from brainuad.slices.extract import SLICE_ORIENTATION, build_slice_file
+
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[:2, :, 1] = 1  # 6 lesion pixels on slice 1, none on slice 2
+    subjects = {}
+    for name in ("s2", "s1"):
+        (tmp_path / name).mkdir()
+        files, _, _ = _volumes(tmp_path / name, seg_values=seg)
+        subjects[name] = files
+    out = tmp_path / "slices.h5"
+    summary = build_slice_file(
+        out_path=out,
+        subjects=subjects,
+        sequences=["t1"],
+        size=6,
+        min_brain_fraction=0.5,
+        attrs={"dataset": "toy"},
+        min_lesion_pixels=7,
+        ignore_labels=[9],
+    )
+    assert summary == {
+        "n_subjects": 2,
+        "n_slices": 4,
+        "n_lesion_slices": 0,  # 6 < 7 lesion pixels
+        "per_subject": {
+            "s1": {"n_slices": 2, "n_lesion_slices": 0},
+            "s2": {"n_slices": 2, "n_lesion_slices": 0},
+        },
+    }
+    slices = SliceFile(out)
+    assert slices.subjects.tolist() == ["s1", "s1", "s2", "s2"]
+    assert slices.attrs["slice_size"] == 6 and slices.attrs["min_brain_fraction"] == 0.5
+    assert slices.attrs["slice_orientation"] == SLICE_ORIENTATION
+    assert slices.attrs["dataset"] == "toy" and "brainuad_version" in slices.attrs
+    assert "ignore" in slices.read([0])
+    low = build_slice_file(
+        out_path=tmp_path / "low.h5",
+        subjects=subjects,
+        sequences=["t1"],
+        size=6,
+        min_brain_fraction=0.5,
+        attrs={},
+    )
+    assert low["n_lesion_slices"] == 2 and low["per_subject"]["s1"]["n_lesion_slices"] == 1
+    with pytest.raises(InputError, match="no subjects given for the slice file"):
+        build_slice_file(
+            out_path=out, subjects={}, sequences=["t1"], size=6, min_brain_fraction=0.5, attrs={}
+        )
+    with pytest.raises(InputError, match=r"subject s1: missing \['seg'\]"):
+        build_slice_file(
+            out_path=tmp_path / "x.h5",
+            subjects={"s1": {"t1": subjects["s1"]["t1"], "brainmask": subjects["s1"]["brainmask"]}},
+            sequences=["t1"],
+            size=6,
+            min_brain_fraction=0.5,
+            attrs={},
+        )
