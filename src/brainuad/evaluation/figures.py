@@ -384,7 +384,7 @@ SIGNIFICANCE_LOG10_LIMIT = 3.0
 
 def _signed_log_p(block: pd.DataFrame, methods: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Method × method matrix of ±(−log10 Holm p), + where the row method ranks higher, and
-    a matrix of cell labels; NaN (and label "n/a") where a pair was not tested."""
+    a matrix of cell labels; NaN and no label where a pair was not tested."""
     n = len(methods)
     values = np.full((n, n), np.nan)
     labels = np.full((n, n), "", dtype=object)
@@ -392,7 +392,6 @@ def _signed_log_p(block: pd.DataFrame, methods: list[str]) -> tuple[np.ndarray, 
     for row in block.itertuples():
         i, j = position[row.method_a], position[row.method_b]
         if np.isnan(row.p_holm):
-            labels[i, j] = labels[j, i] = "n/a"
             continue
         sign = {row.method_a: 1.0, row.method_b: -1.0}.get(row.better, 0.0)
         magnitude = -np.log10(max(float(row.p_holm), 1e-300))
@@ -420,8 +419,9 @@ def plot_pairwise_significance(
 
     A cell is −log10 of the Holm-adjusted p of the row method against the column method,
     red where the row method is better, blue where the column method is (the matrix
-    is antisymmetric); its label is the p-value, starred below ``alpha``; grey "n/a"
-    cells were not tested (too few paired subjects, or no difference).
+    is antisymmetric); its label is the p-value, starred below ``alpha``; grey cells were
+    not tested (too few paired subjects, or no difference), and a panel without any tested
+    pair names the reasons.
     """
     required = ["dataset", "metric", "method_a", "method_b", "p_holm", "better", "significant"]
     missing = [column for column in required if column not in tests.columns]
@@ -436,9 +436,20 @@ def plot_pairwise_significance(
     datasets = display_order(tests["dataset"], dataset_order)
     metrics = display_order(tests["metric"], metric_order)
     methods = display_order(pd.concat([tests["method_a"], tests["method_b"]]), method_order)
-    side = 0.42 * len(methods) + 1.6
-    fig = Figure(
-        figsize=(side * len(metrics) + 1.0, side * len(datasets) + 0.4), layout="constrained"
+    # Fixed margins (inches) for the method names rather than a layout engine, which
+    # measures every label many times over (seconds for a dozen methods).
+    cell, margin, top = 0.32, 1.1, 0.9
+    side = cell * len(methods)
+    width = len(metrics) * (side + margin) + 1.2
+    height = len(datasets) * (side + margin) + top
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(
+        left=margin / width,
+        right=1 - 1.2 / width,
+        bottom=margin / height,
+        top=1 - top / height,
+        wspace=margin / side,
+        hspace=margin / side,
     )
     axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
     limit = SIGNIFICANCE_LOG10_LIMIT
@@ -465,19 +476,30 @@ def plot_pairwise_significance(
                 yticklabels=methods,
                 cbar=False,
             )
-            for i, j in zip(*np.nonzero(labels == "n/a"), strict=True):
-                ax.text(j + 0.5, i + 0.5, "n/a", ha="center", va="center", fontsize=6)
+            if np.isnan(values).all():  # one note rather than a label per untested cell
+                reasons = "; ".join(sorted(set(block["reason"].dropna().astype(str)) - {""}))
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"not tested:\n{reasons}" if reasons else "not tested",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    transform=ax.transAxes,
+                    bbox={"facecolor": "white", "edgecolor": "0.6"},
+                )
             ax.set_title(f"{dataset}: {metric_label(metric)}", fontsize=8)
             ax.tick_params(labelsize=7)
+    colorbar_axes = fig.add_axes((1 - 0.9 / width, 0.5 - 1.5 / height, 0.15 / width, 3.0 / height))
     fig.colorbar(
         axes[0, 0].collections[0],
-        ax=axes,
-        shrink=min(1.0, 4.0 / side),
+        cax=colorbar_axes,
         label="−log10 Holm p (+: row method better)",
     )
     fig.suptitle(
         f"Paired Wilcoxon signed-rank tests, Holm-adjusted per panel; * p < {alpha:g}",
         fontsize=10,
+        y=1 - 0.3 / height,
     )
     save_figure(fig, out_png, out_pdf)
     return fig

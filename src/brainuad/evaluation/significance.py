@@ -323,10 +323,8 @@ def pairwise_tests(
                     paired.iloc[:, 1].to_numpy(),
                     min_pairs=settings.min_pairs,
                 )
-                winner = test.direction * (1 if higher_is_better else -1)
-                better = {1: method_a, -1: method_b}.get(winner, "")
-                if higher_is_better is None:
-                    better = ""
+                sign = {True: 1, False: -1, None: 0}[higher_is_better]
+                better = {1: method_a, -1: method_b}.get(test.direction * sign, "")
                 family.append(
                     {
                         "dataset": dataset,
