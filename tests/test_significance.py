@@ -278,6 +278,7 @@ def test_build_significance_tables_writes_files_and_figure(tmp_path):
     assert "< 0.094" in markdown  # ae < cddpm, Holm p = 0.09375
     latex = (tmp_path / "tables" / "significance.tex").read_text()
     assert latex.count(r"\begin{table}") == 2 and r"\label{tab:significance_brats_auprc}" in latex
+    assert "$<$ 0.094" in latex  # comparison signs in math mode (text mode prints ¡ ¿)
     ci_md = (tmp_path / "tables" / "confidence_intervals.md").read_text()
     assert "brats Dice" in ci_md and "[" in ci_md
     assert (tmp_path / "tables" / "confidence_intervals.tex").exists()

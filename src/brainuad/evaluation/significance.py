@@ -471,7 +471,8 @@ def render_significance_tables(
         ]
         header = [" & ".join(["Method", *map(latex_escape, methods[1:])]) + r" \\"]
         label = f"significance_{table_stem(dataset)}_{table_stem(metric)}"
-        tex_parts.append(_tex_table(caption, label, header, tex_body, len(methods)))
+        table = _tex_table(caption, label, header, tex_body, len(methods))
+        tex_parts.append(_fit_to_width(_tex_comparisons(table)))
     if not md_parts:
         note = "No dataset has two methods with values to compare.\n"
         md_parts, tex_parts = [note], [f"% {note}"]
@@ -480,6 +481,20 @@ def render_significance_tables(
         "tex": "\n".join(tex_parts),
         "csv": tests.to_csv(index=False),
     }
+
+
+def _fit_to_width(latex: str) -> str:
+    """Shrink the tabular of a :func:`_tex_table` float to the line width where it is wider
+    (method matrices grow with the methods); needs the graphicx package besides booktabs."""
+    fit = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
+    latex = latex.replace("\\begin{tabular}", fit + "\n\\begin{tabular}", 1)
+    return latex.replace("\\end{tabular}", "\\end{tabular}%\n}", 1)
+
+
+def _tex_comparisons(latex: str) -> str:
+    """``<`` and ``>`` in math mode: in LaTeX's default text font encoding they print as
+    inverted exclamation and question marks."""
+    return latex.replace("<", "$<$").replace(">", "$>$")
 
 
 def _ci_text(row: Any, scale: float, decimals: int) -> str:
@@ -539,7 +554,9 @@ def render_ci_table(
         [latex_escape(method), *map(latex_escape, line)]
         for method, line in zip(methods, body, strict=True)
     ]
-    latex = _tex_table(caption, "confidence_intervals", tex_header, tex_body, 1 + len(columns))
+    latex = _fit_to_width(
+        _tex_table(caption, "confidence_intervals", tex_header, tex_body, 1 + len(columns))
+    )
     return {"md": markdown, "tex": latex, "csv": intervals.to_csv(index=False)}
 
 
