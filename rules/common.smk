@@ -2,7 +2,7 @@
 
 from snakemake.utils import validate
 
-from brainuad.config import synthetic_subjects
+from brainuad.config import calibration_protocols, synthetic_subjects
 from brainuad.config_checks import check_study_config
 from brainuad.methods import method_class
 from brainuad.methods.base import FINAL_STAGE
@@ -17,6 +17,7 @@ from brainuad.data.datasets import (
     scored_datasets,
 )
 from brainuad.data.sheet import read_sheet, sheet_labels, subject_files
+from brainuad.evaluation.significance import significance_metrics
 
 # Schema (with defaults), cross-checks, methods, crop box, paths: one line per problem, so
 # `snakemake -n` fails before any job runs (brainuad.config_checks).
@@ -428,6 +429,15 @@ METRIC_KEYS = [
 ]
 
 
+# Metric columns of the significance tables (evaluation.significance.metrics, or Dice at
+# the default protocol and AUPRC); checked here, so a bad name fails the dry run.
+SIGNIFICANCE_METRICS = significance_metrics(
+    config["evaluation"]["significance"],
+    config["evaluation"]["default_protocol"],
+    calibration_protocols(config),
+)
+
+
 def metrics_files():
     return [
         f"results/metrics/{method}/fold{fold}/{dataset}.csv"
@@ -487,6 +497,8 @@ def all_targets():
         + selection_files()
         + [
             "results/tables/main.md",
+            "results/tables/significance.md",
             *(f"results/figures/{name}.png" for name in FIGURES),
+            "results/figures/significance.png",
         ]
     )

@@ -20,6 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
+from brainuad.evaluation.significance import CI_COLUMNS, SIGNIFICANCE_COLUMNS
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config" / "tiny.yaml"
 # The trained methods of the tiny study (the training-free `intensity` has no training job).
@@ -122,8 +124,19 @@ def test_tiny_study_calibrates_on_validation_only(tiny_study: Path) -> None:
 def test_tiny_study_tables_and_figures(tiny_study: Path) -> None:
     main = (tiny_study / "results" / "tables" / "main.md").read_text()
     assert "ae" in main and "ddpm" in main
-    for name in ("dice_boxplot", "pr_curves", "qualitative", "training_curves"):
+    for name in ("dice_boxplot", "pr_curves", "qualitative", "training_curves", "significance"):
         assert (tiny_study / "results" / "figures" / f"{name}.png").stat().st_size > 0
+    # Significance between methods: one row per pair of methods and metric on the lesion
+    # cohort (its single test subject is too few: untested, with the reason).
+    tests = pd.read_csv(tiny_study / "results" / "tables" / "significance.csv")
+    assert list(tests.columns) == SIGNIFICANCE_COLUMNS
+    n_methods = len(__import__("yaml").safe_load(TINY.read_text())["methods"])
+    assert len(tests) == 2 * n_methods * (n_methods - 1) // 2, tests
+    assert set(tests["dataset"]) == {"synth_brats"} and tests["p_value"].isna().all()
+    intervals = pd.read_csv(tiny_study / "results" / "tables" / "confidence_intervals.csv")
+    assert list(intervals.columns) == CI_COLUMNS and len(intervals) == 2 * n_methods
+    for stem in ("significance", "confidence_intervals"):
+        assert r"\begin{table}" in (tiny_study / "results" / "tables" / f"{stem}.tex").read_text()
 
 
 @pytest.mark.slow
@@ -182,7 +195,7 @@ def test_forcerun_retrains_one_fold_with_outputs_in_place(tiny_study: Path) -> N
 def test_figures_target_rebuilds_without_training_or_scoring(tiny_study: Path) -> None:
     shutil.rmtree(tiny_study / "results" / "figures")
     jobs = planned_jobs(snakemake(tiny_study, "-n", "figures"))
-    assert jobs == {"plot_figures": 1, "figures": 1}, jobs
+    assert jobs == {"plot_figures": 1, "plot_significance": 1, "figures": 1}, jobs
     snakemake(tiny_study, "--cores", "1", "figures")
     assert (tiny_study / "results" / "figures" / "qualitative.png").exists()
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve
 
 from brainuad.errors import InputError
+from brainuad.evaluation.significance import format_p, metric_label
 from brainuad.evaluation.tables import display_order
 from brainuad.io.atomic import atomic_path
 
@@ -371,5 +372,134 @@ def plot_training_curves(
     if axes[-1].get_legend() is not None:
         sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
+    save_figure(fig, out_png, out_pdf)
+    return fig
+
+
+# --------------------------------------------------------------------------- significance
+
+#: Colour scale limit of the significance figure, in -log10 p (p = 0.001 and below saturate).
+SIGNIFICANCE_LOG10_LIMIT = 3.0
+
+
+def _signed_log_p(block: pd.DataFrame, methods: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Method × method matrix of ±(−log10 Holm p), + where the row method ranks higher, and
+    a matrix of cell labels; NaN and no label where a pair was not tested."""
+    n = len(methods)
+    values = np.full((n, n), np.nan)
+    labels = np.full((n, n), "", dtype=object)
+    position = {method: i for i, method in enumerate(methods)}
+    for row in block.itertuples():
+        i, j = position[row.method_a], position[row.method_b]
+        if np.isnan(row.p_holm):
+            continue
+        sign = {row.method_a: 1.0, row.method_b: -1.0}.get(row.better, 0.0)
+        magnitude = -np.log10(max(float(row.p_holm), 1e-300))
+        text = format_p(float(row.p_holm)).replace("0.", ".") + ("*" if row.significant else "")
+        values[i, j], values[j, i] = sign * magnitude, -sign * magnitude
+        labels[i, j] = labels[j, i] = text
+    return values, labels
+
+
+def plot_pairwise_significance(
+    tests: pd.DataFrame,
+    out_png: str | os.PathLike,
+    out_pdf: str | os.PathLike,
+    *,
+    method_order: Sequence[str] | None = None,
+    dataset_order: Sequence[str] | None = None,
+    metric_order: Sequence[str] | None = None,
+    alpha: float = 0.05,
+) -> Figure:
+    """Pairwise outcomes: one method × method heatmap per dataset (row) and metric (column).
+
+    Args:
+        tests: :func:`brainuad.evaluation.significance.pairwise_tests` output
+            (``significance.csv``).
+
+    A cell is −log10 of the Holm-adjusted p of the row method against the column method,
+    red where the row method is better, blue where the column method is (the matrix
+    is antisymmetric); its label is the p-value, starred below ``alpha``; grey cells were
+    not tested (too few paired subjects, or no difference), and a panel without any tested
+    pair names the reasons.
+    """
+    required = ["dataset", "metric", "method_a", "method_b", "p_holm", "better", "significant"]
+    missing = [column for column in required if column not in tests.columns]
+    if missing:
+        raise InputError(f"plot_pairwise_significance: tests lack column(s) {missing}")
+    if tests.empty:  # a study of one method: say so rather than fail the figures target
+        fig = Figure(figsize=(4.0, 1.0))
+        fig.text(0.5, 0.5, "No pair of methods to compare", ha="center", va="center")
+        save_figure(fig, out_png, out_pdf)
+        return fig
+    tests = tests.assign(better=tests["better"].fillna("").astype(str))
+    datasets = display_order(tests["dataset"], dataset_order)
+    metrics = display_order(tests["metric"], metric_order)
+    methods = display_order(pd.concat([tests["method_a"], tests["method_b"]]), method_order)
+    # Fixed margins (inches) for the method names rather than a layout engine, which
+    # measures every label many times over (seconds for a dozen methods).
+    cell, margin, top = 0.32, 1.1, 0.9
+    side = cell * len(methods)
+    width = len(metrics) * (side + margin) + 1.2
+    height = len(datasets) * (side + margin) + top
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(
+        left=margin / width,
+        right=1 - 1.2 / width,
+        bottom=margin / height,
+        top=1 - top / height,
+        wspace=margin / side,
+        hspace=margin / side,
+    )
+    axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
+    limit = SIGNIFICANCE_LOG10_LIMIT
+    for r, dataset in enumerate(datasets):
+        for c, metric in enumerate(metrics):
+            ax = axes[r, c]
+            block = tests[(tests["dataset"] == dataset) & (tests["metric"] == metric)]
+            values, labels = _signed_log_p(block, methods)
+            ax.set_facecolor("0.92")  # untested cells and the diagonal
+            sns.heatmap(
+                values,
+                ax=ax,
+                cmap="vlag",
+                center=0.0,
+                vmin=-limit,
+                vmax=limit,
+                annot=labels,
+                fmt="",
+                annot_kws={"fontsize": 6},
+                square=True,
+                linewidths=0.5,
+                linecolor="white",
+                xticklabels=methods,
+                yticklabels=methods,
+                cbar=False,
+            )
+            if np.isnan(values).all():  # one note rather than a label per untested cell
+                reasons = "; ".join(sorted(set(block["reason"].dropna().astype(str)) - {""}))
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"not tested:\n{reasons}" if reasons else "not tested",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    transform=ax.transAxes,
+                    bbox={"facecolor": "white", "edgecolor": "0.6"},
+                )
+            ax.set_title(f"{dataset}: {metric_label(metric)}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    colorbar_axes = fig.add_axes((1 - 0.9 / width, 0.5 - 1.5 / height, 0.15 / width, 3.0 / height))
+    fig.colorbar(
+        axes[0, 0].collections[0],
+        cax=colorbar_axes,
+        label="−log10 Holm p (+: row method better)",
+    )
+    fig.suptitle(
+        f"Paired Wilcoxon signed-rank tests, Holm-adjusted per panel; * p < {alpha:g}",
+        fontsize=10,
+        y=1 - 0.3 / height,
+    )
     save_figure(fig, out_png, out_pdf)
     return fig
