@@ -184,8 +184,9 @@ def _ignore(vol: SubjectVolume) -> np.ndarray:
 
 
 def _eroded(brainmask: np.ndarray, postprocess: PostprocessConfig) -> np.ndarray:
-    """The eroded brain mask, also when ``apply_brainmask`` is off (the healthy-FPR
-    denominator ``brain`` means the brain either way)."""
+    """The eroded brain mask, also when ``apply_brainmask`` is off: in ``reference`` mode the
+    healthy-FPR denominator ``brain`` means the brain either way (in ``brain_mask`` mode it
+    is the evaluated region, as before the setting existed)."""
     return erode_brainmask(brainmask, replace(postprocess, apply_brainmask=True))
 
 
@@ -267,7 +268,7 @@ def evaluate_volume(
             subject=vol.subject,
             post_map=postprocess_map(vol.anomaly_map, vol.brainmask, postprocess),
             region=region,
-            brain=_eroded(vol.brainmask, postprocess),
+            brain=region,
             image=~_ignore(vol),
             lesion=np.asarray(vol.seg, bool),
             slice_region=region,
