@@ -2,7 +2,12 @@
 
 from snakemake.utils import validate
 
-from brainuad.config import calibration_protocols, synthetic_subjects
+from brainuad.config import (
+    calibration_protocols,
+    evaluation_grid,
+    main_table_protocols,
+    synthetic_subjects,
+)
 from brainuad.config_checks import check_study_config
 from brainuad.methods import method_class
 from brainuad.methods.base import FINAL_STAGE
@@ -38,6 +43,10 @@ SUBJECTS_SCHEMA = os.path.join(workflow.basedir, "config", "subjects.schema.yaml
 # implementation with `method:` (default: the study name itself).
 METHODS = list(config["methods"])
 FOLDS = list(range(config["splits"]["n_folds"]))
+# The evaluation mode and its grid (brainuad.evaluation.grid), and the threshold protocols
+# of the main table (the headline, then one of the other kind).
+EVALUATION_GRID = evaluation_grid(config)
+MAIN_PROTOCOLS = main_table_protocols(config)
 
 
 def implementation_of(method):

@@ -41,6 +41,10 @@ rule calibrate_threshold:
         healthy_fprs=config["evaluation"]["healthy_fprs"],
         lesion_datasets=calibration_lesion_datasets,
         postprocess=postprocess_config,
+        evaluation=EVALUATION_GRID,
+        best_dice_search=config["evaluation"]["best_dice_search"],
+        fpr_region=config["evaluation"]["healthy_fpr_region"],
+        fpr_pooling=config["evaluation"]["healthy_fpr_pooling"],
     script:
         "../workflow_scripts/calibrate_threshold.py"
 
@@ -92,5 +96,6 @@ rule subject_metrics:
         resolution_mm=config["preprocess"]["resolution_mm"],
         slice_size=config["slices"]["size"],
         crop_shape=config["preprocess"]["crop_shape"],
+        evaluation=EVALUATION_GRID,
     script:
         "../workflow_scripts/subject_metrics.py"

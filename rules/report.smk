@@ -30,6 +30,7 @@ rule aggregate_tables:
         "../envs/reporting.yaml"
     params:
         default_protocol=config["evaluation"]["default_protocol"],
+        main_protocols=MAIN_PROTOCOLS,
         methods=METHODS,
         datasets=DATASETS,
         metric_keys=METRIC_KEYS,
@@ -61,6 +62,7 @@ rule plot_figures:
         default_protocol=config["evaluation"]["default_protocol"],
         examples_per_dataset=config["evaluation"]["qualitative_examples_per_dataset"],
         postprocess=postprocess_by_method(),
+        evaluation=EVALUATION_GRID,
         methods=METHODS,
         trained_methods=TRAINED_METHODS,
         folds=FOLDS,

@@ -205,3 +205,54 @@ def test_unknown_metric_column_is_an_error_not_dropped():
     assert tabulated_metrics(columns) == ["dice@healthy_fpr_5", "auprc"]
     with pytest.raises(InputError, match="dcie"):
         tabulated_metrics([*columns, "dcie@healthy_fpr_5"])
+
+
+def test_main_table_shows_both_threshold_protocols_and_the_evaluation_mode(tmp_path):
+    paths, summaries = {}, {}
+    for fold in (0, 1):
+        path = tmp_path / f"a{fold}.csv"
+        pd.DataFrame(
+            {
+                "subject": ["s0", "s1"],
+                "has_lesion": [True, True],
+                "dice@healthy_fpr_5": [0.2, 0.4],
+                "dice@best_dice_val": [0.5, 0.7],
+                "auprc": [0.6, 0.6],
+            }
+        ).to_csv(path, index=False)
+        paths[("a", fold, "brats")] = path
+        summaries[("a", fold, "brats")] = tmp_path / f"a{fold}.json"
+        grid = {"mode": "reference", "extent_mm": 100, "slice_spacing_mm": 2, "n_slices": 50}
+        summaries[("a", fold, "brats")].write_text(
+            json.dumps({"slice_level": {}, "evaluation": {**grid, "absent_slices": fold}})
+        )
+    kwargs = {
+        "metric_paths": paths,
+        "by_metric_dir": tmp_path / "by_metric",
+        "main_dir": tmp_path,
+        "default_protocol": "best_dice_val",
+        "main_protocols": ["best_dice_val", "healthy_fpr_5"],
+        "method_order": ["a"],
+        "dataset_order": ["brats"],
+        "lesion_datasets": ["brats"],
+        "prevalence_path": tmp_path / "prevalence.csv",
+        "summary_paths": summaries,
+    }
+    build_tables(**kwargs)
+    main_md = (tmp_path / "main.md").read_text()
+    header = next(line for line in main_md.splitlines() if line.startswith("| Method"))
+    assert header.index("best val. Dice, pixel labels") < header.index("5 % healthy FPR")
+    assert "label-free" in header and "AUPRC" in header
+    row = next(line for line in main_md.splitlines() if line.startswith("| a "))
+    cells = [cell.strip().strip("*") for cell in row.split("|")[2:5]]
+    assert cells == ["60.0 ± 0.0", "30.0 ± 0.0", "60.0 ± 0.0"]
+    assert "uses validation pixel labels" in main_md and "(label-free)" in main_md
+    assert "reference grid (cDDPM): the central 100 mm of the slice axis at 2 mm" in main_md
+    assert set(pd.read_csv(tmp_path / "main.csv")["metric"]) == {
+        "dice@best_dice_val",
+        "dice@healthy_fpr_5",
+        "auprc",
+    }
+    summaries[("a", 1, "brats")].write_text(json.dumps({"slice_level": {}}))
+    with pytest.raises(InputError, match="different evaluation modes"):
+        build_tables(**kwargs)

@@ -296,7 +296,12 @@ def test_missing_method_dataset_cell_is_a_dash(summary):
 
 def test_infer_metric_info():
     info = infer_metric_info("dice@healthy_fpr_5")
-    assert info.protocol == "threshold: 5 % FPR on healthy validation"
+    assert info.protocol == "threshold: 5 % FPR on healthy validation (label-free)"
+    assert info.protocol_label == "5 % healthy FPR, label-free"
+    best = infer_metric_info("dice@best_dice_val")
+    assert "uses validation pixel labels" in best.protocol
+    half = infer_metric_info("dice@healthy_fpr_0p5")
+    assert half.protocol_label == "0.5 % healthy FPR, label-free"
     assert info.higher_is_better and not info.is_oracle and info.is_fraction
     assert infer_metric_info("oracle_dice").is_oracle
     assert infer_metric_info("hd95@healthy_fpr_1").higher_is_better is False

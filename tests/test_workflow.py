@@ -124,6 +124,10 @@ def test_tiny_study_calibrates_on_validation_only(tiny_study: Path) -> None:
 def test_tiny_study_tables_and_figures(tiny_study: Path) -> None:
     main = (tiny_study / "results" / "tables" / "main.md").read_text()
     assert "ae" in main and "ddpm" in main
+    # both threshold protocols, each column naming its own, and the evaluation mode
+    header = next(line for line in main.splitlines() if line.startswith("| Method"))
+    assert "5 % healthy FPR, label-free" in header and "best val. Dice, pixel labels" in header
+    assert "Evaluation: eroded brain mask" in main
     for name in ("dice_boxplot", "pr_curves", "qualitative", "training_curves", "significance"):
         assert (tiny_study / "results" / "figures" / f"{name}.png").stat().st_size > 0
     # Significance between methods: one row per pair of methods and metric on the lesion

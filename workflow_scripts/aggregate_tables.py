@@ -14,6 +14,7 @@ with rule_logging(snakemake.log[0]) as log:
         by_metric_dir=snakemake.output.by_metric,
         main_dir=os.path.dirname(snakemake.output.main_md),
         default_protocol=params.default_protocol,
+        main_protocols=params.main_protocols,
         method_order=params.methods,
         dataset_order=params.datasets,
         lesion_datasets=params.lesion_datasets,

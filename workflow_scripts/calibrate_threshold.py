@@ -3,6 +3,7 @@
 import json
 
 from brainuad.evaluation.evaluate import calibrate_from_scores
+from brainuad.evaluation.grid import EvaluationConfig
 from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.io.atomic import write_text_atomic
 from brainuad.workflow import rule_logging
@@ -20,6 +21,10 @@ with rule_logging(snakemake.log[0]) as log:
         },
         postprocess=PostprocessConfig.from_dict(params.postprocess),
         fprs=params.healthy_fprs,
+        evaluation=EvaluationConfig.from_dict(params.evaluation),
+        best_dice_search=params.best_dice_search,
+        fpr_region=params.fpr_region,
+        fpr_pooling=params.fpr_pooling,
     )
     write_text_atomic(snakemake.output[0], json.dumps(record, indent=2, default=str))
     for name, entry in record["thresholds"].items():

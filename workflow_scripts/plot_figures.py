@@ -3,6 +3,7 @@
 from itertools import product
 
 from brainuad.evaluation.aggregate import build_figures
+from brainuad.evaluation.grid import EvaluationConfig
 from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.workflow import rule_logging
 
@@ -29,4 +30,5 @@ with rule_logging(snakemake.log[0]):
             for method, options in params.postprocess.items()
         },
         examples_per_dataset=params.examples_per_dataset,
+        evaluation=EvaluationConfig.from_dict(params.evaluation),
     )

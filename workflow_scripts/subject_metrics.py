@@ -4,6 +4,7 @@ import json
 
 from brainuad.evaluation.calibration import THRESHOLD_FILE
 from brainuad.evaluation.evaluate import evaluate_test_split
+from brainuad.evaluation.grid import EvaluationConfig
 from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.io.atomic import atomic_path, write_text_atomic
 from brainuad.io.readers import read_json
@@ -33,7 +34,15 @@ with rule_logging(snakemake.log[0]) as log:
         ),
         lpips_weights=inputs.get("lpips_weights"),
         inception_weights=inputs.get("inception_weights"),
+        evaluation=EvaluationConfig.from_dict(params.evaluation),
     )
+    if summary["evaluation"]["absent_slices"]:
+        log.warning(
+            "%d slices of the reference grid's central extent are not in %s (no brain, or "
+            "below slices.min_brain_fraction): evaluated as zero map without lesion",
+            summary["evaluation"]["absent_slices"],
+            inputs.slices,
+        )
     for name, entry in summary["feature_metrics"].items():
         if entry["skipped"]:
             log.warning("%s skipped: %s", name, entry["skipped"])

@@ -163,3 +163,37 @@ def calibration_protocols(config: dict[str, Any]) -> list[str]:
 def synthetic_subjects(n_subjects: int) -> list[str]:
     """Subject identifiers of a synthetic dataset: sub-000, sub-001, ..."""
     return [f"sub-{index:03d}" for index in range(n_subjects)]
+
+
+def evaluation_grid(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``brainuad.evaluation.grid.EvaluationConfig`` of the study, as a dict: the mode
+    (``evaluation.mode``), the reference grid (``evaluation.reference_grid``) and the slice
+    file's geometry it starts from (``preprocess.resolution_mm`` between slices and
+    ``preprocess.crop_shape[2]`` slices along the slice axis of the cropped RAS volume)."""
+    evaluation = config["evaluation"]
+    reference = evaluation.get("reference_grid") or {}
+    return {
+        "mode": evaluation.get("mode", "brain_mask"),
+        "extent_mm": float(reference.get("extent_mm", 100.0)),
+        "slice_spacing_mm": float(reference.get("slice_spacing_mm", 2.0)),
+        "source_spacing_mm": float(config["preprocess"]["resolution_mm"]),
+        "depth": int(config["preprocess"]["crop_shape"][2]),
+    }
+
+
+def main_table_protocols(config: dict[str, Any]) -> list[str]:
+    """Threshold protocols of the main table: ``evaluation.default_protocol`` first, then one
+    of the other kind, so label-free (healthy FPR) and label-using (best Dice on the lesion
+    validation split) thresholds stand side by side: ``best_dice_val`` after a healthy-FPR
+    headline (when computed), the first of ``evaluation.healthy_fprs`` after a best-Dice
+    headline."""
+    evaluation = config["evaluation"]
+    default = evaluation.get("default_protocol", "healthy_fpr_5")
+    protocols = [default]
+    if default == "best_dice_val":
+        fprs = evaluation.get("healthy_fprs", [0.05, 0.01])
+        if fprs:
+            protocols.append(healthy_fpr_protocol(fprs[0]))
+    elif "best_dice_val" in calibration_protocols(config):
+        protocols.append("best_dice_val")
+    return protocols

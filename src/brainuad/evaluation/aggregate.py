@@ -24,12 +24,8 @@ from brainuad.evaluation.figures import (
     plot_training_curves,
     pr_curve_from_arrays,
 )
-from brainuad.evaluation.postprocess import (
-    PostprocessConfig,
-    binarise,
-    erode_brainmask,
-    postprocess_map,
-)
+from brainuad.evaluation.grid import EvaluationConfig, evaluate_volume
+from brainuad.evaluation.postprocess import PostprocessConfig, binarise, postprocess_map
 from brainuad.evaluation.tables import (
     collect_metrics,
     display_order,
@@ -90,12 +86,15 @@ def build_tables(
     lesion_datasets: Sequence[str],
     prevalence_path: PathLike,
     summary_paths: Mapping[Key3, PathLike] | None = None,
+    main_protocols: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Mean ± std over folds of every known metric; one table per metric and a main table.
 
-    The main table (Dice at the default protocol and AUPRC, like the cDDPM paper's) shows
-    the lesion cohorts, with their lesion prevalence (:func:`lesion_prevalence`, also
-    written to ``prevalence_path``) in a note; per-metric tables show every dataset (the
+    The main table (Dice and AUPRC, like the cDDPM paper's) shows Dice at each of
+    ``main_protocols`` (default: ``default_protocol`` alone) side by side, each column
+    naming its protocol, for the lesion cohorts, with their lesion prevalence
+    (:func:`lesion_prevalence`, also written to ``prevalence_path``) and the evaluation mode
+    (from the metrics summaries) in a note; per-metric tables show every dataset (the
     healthy cohort's false-positive rate is in ``fpr_at_<protocol>``).
 
     Returns:
@@ -108,7 +107,12 @@ def build_tables(
     long = long[long["metric"].isin(metrics)]
     summary = summarise_over_folds(fold_means(long))
     info = {metric: infer_metric_info(metric) for metric in metrics}
-    main_metrics = [m for m in (f"dice@{default_protocol}", "auprc") if m in metrics]
+    protocols = list(dict.fromkeys([default_protocol, *(main_protocols or [])]))
+    main_metrics = [m for m in (*(f"dice@{p}" for p in protocols), "auprc") if m in metrics]
+    notes = [
+        evaluation_note(summary_paths or {}),
+        prevalence_note(prevalence, lesion_datasets, method_order),
+    ]
     Path(by_metric_dir).mkdir(parents=True, exist_ok=True)
     paths = write_tables(
         summary,
@@ -120,7 +124,7 @@ def build_tables(
         dataset_order=dataset_order,
         main_out_dir=main_dir,
         main_datasets=lesion_datasets,
-        main_note=prevalence_note(prevalence, lesion_datasets, method_order),
+        main_note=" ".join(note for note in notes if note) or None,
     )
     if summary_paths:
         slice_summary = summarise_over_folds(
@@ -167,6 +171,37 @@ def slice_level_fold_values(summary_paths: Mapping[Key3, PathLike]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def evaluation_note(summary_paths: Mapping[Key3, PathLike]) -> str | None:
+    """One sentence naming the evaluation mode of the metrics (``evaluation`` of the metrics
+    summaries; a summary without it was made in ``brain_mask`` mode). None without
+    summaries.
+
+    Raises:
+        InputError: the summaries were made in different modes or grids.
+    """
+    records = {}
+    for path in summary_paths.values():
+        record = read_json(path, "metrics summary (JSON)").get("evaluation", {"mode": "brain_mask"})
+        key = {k: v for k, v in record.items() if k not in ("absent_slices", "spacing_mm")}
+        records[repr(sorted(key.items()))] = (key, path)
+    if not records:
+        return None
+    if len(records) > 1:
+        paths = [str(path) for _, path in records.values()]
+        raise InputError(
+            f"metrics summaries {paths[:3]} were made in different evaluation modes; rerun "
+            "the metrics of one study config"
+        )
+    record, _ = next(iter(records.values()))
+    if record["mode"] == "reference":
+        return (
+            "Evaluation: reference grid (cDDPM): the central "
+            f"{record['extent_mm']:g} mm of the slice axis at {record['slice_spacing_mm']:g} mm "
+            f"({record['n_slices']} slices), post-processed there, every voxel evaluated."
+        )
+    return "Evaluation: eroded brain mask of the slice file's slices."
+
+
 PREVALENCE_COLUMNS = ["dataset", "method", "lesion_prevalence"]
 
 
@@ -211,7 +246,7 @@ def prevalence_note(
     if not parts:
         return None
     return (
-        "Lesion prevalence (lesion fraction of the evaluated brain voxels of the test "
+        "Lesion prevalence (lesion fraction of the evaluated voxels of the test "
         "subjects, the AUPRC of a random score): " + "; ".join(parts) + "."
     )
 
@@ -225,18 +260,22 @@ def _threshold(threshold_path: PathLike, dataset: str, protocol: str) -> float:
 
 
 def pooled_pr_curve(
-    slice_path: PathLike, scores_path: PathLike, postprocess: PostprocessConfig
+    slice_path: PathLike,
+    scores_path: PathLike,
+    postprocess: PostprocessConfig,
+    evaluation: EvaluationConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Precision-recall curve of post-processed voxel scores pooled over a test split.
 
-    Voxels inside the eroded brain mask; None when the split has no lesion voxel.
+    The evaluated voxels of the evaluation mode (:mod:`brainuad.evaluation.grid`); None
+    when the split has no lesion voxel there.
     """
+    evaluation = evaluation or EvaluationConfig()
     scores, labels = [], []
     for volume in iter_subject_volumes(slice_path, scores_path):
-        region = erode_brainmask(volume.brainmask, postprocess)
-        processed = postprocess_map(volume.anomaly_map, volume.brainmask, postprocess)
-        scores.append(processed[region])
-        labels.append(volume.seg[region])
+        evaluated = evaluate_volume(volume, postprocess, evaluation)
+        scores.append(evaluated.post_map[evaluated.region])
+        labels.append(evaluated.lesion[evaluated.region])
     all_labels = np.concatenate(labels) if labels else np.empty(0, dtype=bool)
     if not all_labels.any():
         return None
@@ -336,11 +375,14 @@ def build_figures(
     postprocess: Mapping[str, PostprocessConfig],
     examples_per_dataset: int = 2,
     figure_fold: int = 0,
+    evaluation: EvaluationConfig | None = None,
 ) -> None:
     """Draw the study's figures; ``outputs`` maps figure name -> (png, pdf).
 
     Precision-recall curves and qualitative examples use fold ``figure_fold`` (the
     captions say so); box plots use every fold (subject values averaged over folds).
+    Precision-recall curves pool the voxels of the evaluation mode; the qualitative
+    examples show the slice file's slices, post-processed on that grid, in either mode.
     """
     long = collect_metrics(metric_paths)
     metric = f"dice@{default_protocol}"
@@ -356,7 +398,10 @@ def build_figures(
     for dataset in lesion_datasets:
         for method in methods:
             curve = pooled_pr_curve(
-                slices[dataset], test_scores[(method, figure_fold, dataset)], postprocess[method]
+                slices[dataset],
+                test_scores[(method, figure_fold, dataset)],
+                postprocess[method],
+                evaluation,
             )
             if curve is not None:
                 curves[(method, dataset)] = curve

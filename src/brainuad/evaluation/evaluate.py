@@ -13,7 +13,9 @@ column                                   meaning
 =======================================  ===================================================
 subject, n_slices                        subject id, slices scored
 has_lesion                               any lesion voxel inside the evaluated region
-region_voxels                            voxels of the evaluated region (eroded brain mask)
+region_voxels                            voxels of the evaluated region (eroded brain mask;
+                                         every voxel of the reference grid in ``reference``
+                                         mode, :mod:`brainuad.evaluation.grid`)
 true_volume_voxels, true_volume_ml       lesion volume inside the region
 auroc, auprc                             voxel-wise, threshold-free
 oracle_dice, oracle_threshold            best Dice over thresholds on this volume (ORACLE:
@@ -44,12 +46,16 @@ import pandas as pd
 
 from brainuad.errors import InputError
 from brainuad.evaluation.calibration import (
+    FprPooling,
+    FprRegion,
     calibrate,
     protocol_name,
     threshold_entries,
     threshold_values,
 )
+from brainuad.evaluation.grid import EvaluationConfig, evaluate_volume
 from brainuad.evaluation.metrics import (
+    BestDiceSearch,
     ImageScore,
     reconstruction_quality,
     region_reconstruction_errors,
@@ -57,7 +63,7 @@ from brainuad.evaluation.metrics import (
     slice_scores,
     subject_volume_metrics,
 )
-from brainuad.evaluation.postprocess import PostprocessConfig, erode_brainmask, postprocess_map
+from brainuad.evaluation.postprocess import PostprocessConfig
 from brainuad.evaluation.volumes import iter_subject_volumes
 from brainuad.io.scores import ScoresFile
 from brainuad.provenance import provenance
@@ -94,16 +100,25 @@ class _Validation(NamedTuple):
     maps: list[np.ndarray]
     masks: list[np.ndarray]
     segs: list[np.ndarray]
+    brains: list[np.ndarray]
+    images: list[np.ndarray]
 
 
-def _load_val(pair: PathPair, cfg: PostprocessConfig) -> _Validation:
+def _load_val(pair: PathPair, cfg: PostprocessConfig, evaluation: EvaluationConfig) -> _Validation:
+    """Validation maps on the evaluation grid: ``masks`` are the evaluated regions, ``brains``
+    and ``images`` the two healthy-FPR denominators."""
     slices, scores = SliceFile(pair[0]), ScoresFile(pair[1])
     split = _require_val(scores)
-    val = _Validation(_dataset_name(scores, slices), split, str(scores.path), [], [], [], [])
+    val = _Validation(
+        _dataset_name(scores, slices), split, str(scores.path), [], [], [], [], [], []
+    )
     for vol in iter_subject_volumes(slices, scores):
-        val.maps.append(postprocess_map(vol.anomaly_map, vol.brainmask, cfg))
-        val.masks.append(erode_brainmask(vol.brainmask, cfg))
-        val.segs.append(vol.seg)
+        evaluated = evaluate_volume(vol, cfg, evaluation)
+        val.maps.append(evaluated.post_map)
+        val.masks.append(evaluated.region)
+        val.segs.append(evaluated.lesion)
+        val.brains.append(evaluated.brain)
+        val.images.append(evaluated.image)
         val.subjects.append(vol.subject)
     return val
 
@@ -115,6 +130,10 @@ def calibrate_from_scores(
     postprocess: PostprocessConfig,
     fprs: Sequence[float] = (0.05, 0.01),
     n_candidates: int | None = None,
+    evaluation: EvaluationConfig | None = None,
+    best_dice_search: BestDiceSearch = "exact",
+    fpr_region: FprRegion = "brain",
+    fpr_pooling: FprPooling = "voxels",
 ) -> dict[str, Any]:
     """All calibration protocols of one method and fold, as the ``threshold.json`` dict.
 
@@ -126,6 +145,10 @@ def calibrate_from_scores(
         postprocess: post-processing applied before thresholding (recorded).
         fprs: target healthy false-positive fractions.
         n_candidates: threshold candidates for best Dice (None: exact).
+        evaluation: the evaluation mode and grid (default ``brain_mask``); recorded.
+        best_dice_search: ``exact`` or ``bisection`` (cDDPM's), recorded.
+        fpr_region, fpr_pooling: the healthy-FPR denominator
+            (:mod:`brainuad.evaluation.calibration`), recorded.
 
     Each protocol records the scores files it used and their ``split`` attributes.
 
@@ -133,11 +156,13 @@ def calibrate_from_scores(
         InputError: a scores file without a ``split`` attribute or whose ``split`` is not
             ``val``, or a healthy validation subject with lesion voxels.
     """
+    evaluation = evaluation or EvaluationConfig()
+    recorded = evaluation.record()
     thresholds: dict[str, Any] = {}
     if healthy_val:
         datasets, splits, files, subjects, maps, masks = [], [], [], [], [], []
         for pair in healthy_val:
-            val = _load_val(pair, postprocess)
+            val = _load_val(pair, postprocess, evaluation)
             sick = [s for s, g in zip(val.subjects, val.segs, strict=True) if g.any()]
             if sick:
                 raise InputError(
@@ -149,7 +174,7 @@ def calibrate_from_scores(
             names = val.subjects
             subjects += [f"{val.dataset}/{s}" for s in names] if len(healthy_val) > 1 else names
             maps += val.maps
-            masks += val.masks
+            masks += val.brains if fpr_region == "brain" else val.images
         for fpr in fprs:
             thresholds[protocol_name("healthy_fpr", target_fpr=fpr)] = calibrate(
                 "healthy_fpr",
@@ -161,10 +186,13 @@ def calibrate_from_scores(
                 splits=splits,
                 scores_files=files,
                 target_fpr=fpr,
+                fpr_region=fpr_region,
+                fpr_pooling=fpr_pooling,
+                evaluation=recorded,
             )
         del maps, masks, val
     for dataset, pair in lesion_val.items():
-        val = _load_val(pair, postprocess)
+        val = _load_val(pair, postprocess, evaluation)
         thresholds[protocol_name("best_dice_val", dataset=dataset)] = calibrate(
             "best_dice_val",
             maps=val.maps,
@@ -176,20 +204,35 @@ def calibrate_from_scores(
             splits=[val.split],
             scores_files=[val.scores_file],
             n_candidates=n_candidates,
+            search=best_dice_search,
+            evaluation=recorded,
         )
-    return {
-        "thresholds": thresholds,
-        "provenance": provenance({"postprocess": postprocess.to_dict()}),
+    settings = {
+        "postprocess": postprocess.to_dict(),
+        "evaluation": recorded,
+        "best_dice_search": best_dice_search,
+        "healthy_fpr_denominator": {"region": fpr_region, "pooling": fpr_pooling},
     }
+    return {"thresholds": thresholds, "provenance": provenance(settings)}
 
 
-def _check_postprocess(thresholds: Mapping[str, Any], cfg: PostprocessConfig) -> None:
+def _check_postprocess(
+    thresholds: Mapping[str, Any], cfg: PostprocessConfig, evaluation: EvaluationConfig
+) -> None:
+    """Refuse thresholds calibrated under other post-processing or another evaluation grid
+    (a threshold on one grid's maps means something else on another's)."""
     for name, entry in threshold_entries(thresholds).items():
         recorded = entry.get("postprocess") if isinstance(entry, dict) else None
         if recorded is not None and PostprocessConfig.from_dict(recorded) != cfg:
             raise InputError(
                 f"threshold {name!r} was calibrated with postprocess {recorded}, "
                 f"expected {cfg.to_dict()}"
+            )
+        grid = entry.get("evaluation") if isinstance(entry, dict) else None
+        if grid is not None and grid != evaluation.record():
+            raise InputError(
+                f"threshold {name!r} was calibrated in evaluation {grid}, expected "
+                f"{evaluation.record()} (recalibrate: delete the threshold.json)"
             )
 
 
@@ -202,6 +245,7 @@ def subject_metrics_table(
     image_score: ImageScore = "max",
     voxel_volume_ml: float | None = None,
     spacing: tuple[float, float, float] | None = None,
+    evaluation: EvaluationConfig | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Metrics of every subject in one scores file (module doc lists the columns).
 
@@ -211,31 +255,37 @@ def subject_metrics_table(
         postprocess: must equal the post-processing recorded with each threshold.
         image_score: slice score statistic for slice-level detection.
         voxel_volume_ml: volume of one voxel in ml (volumes in ml are NaN without it).
-        spacing: voxel size ``(slice, row, column)`` for HD95 (default: voxel units).
+        spacing: voxel size ``(slice, row, column)`` of the evaluation grid for HD95
+            (default: voxel units).
+        evaluation: evaluation mode and grid (default ``brain_mask``); must equal the one
+            recorded with each threshold.
 
     Returns:
         ``(table, slice_level)``: one row per subject; slice-level AUROC/AUPRC over all
-        scored slices with the ``image_score`` used.
+        scored slices with the ``image_score`` used, and ``absent_slices`` (reference
+        mode: source slices of the central extent missing from the slice file).
     """
-    _check_postprocess(thresholds, postprocess)
+    evaluation = evaluation or EvaluationConfig()
+    _check_postprocess(thresholds, postprocess, evaluation)
     values = threshold_values(thresholds)
     slices, scores = SliceFile(slice_path), ScoresFile(scores_path)
     rows: list[dict[str, Any]] = []
     all_scores, all_labels = [], []
+    absent = 0
     for vol in iter_subject_volumes(
         slices,
         scores,
         with_images=scores.has_reconstruction,
         with_reconstruction=scores.has_reconstruction,
     ):
-        post = postprocess_map(vol.anomaly_map, vol.brainmask, postprocess)
-        region = erode_brainmask(vol.brainmask, postprocess)
+        evaluated = evaluate_volume(vol, postprocess, evaluation)
+        absent += evaluated.absent_slices
         row: dict[str, Any] = {"subject": vol.subject, "n_slices": int(vol.present.sum())}
         row.update(
             subject_volume_metrics(
-                post,
-                region,
-                vol.seg,
+                evaluated.post_map,
+                evaluated.region,
+                evaluated.lesion,
                 values,
                 postprocess,
                 spacing=spacing,
@@ -251,8 +301,11 @@ def subject_metrics_table(
                 region_reconstruction_errors(vol.image, vol.reconstruction, vol.brainmask, vol.seg)
             )
         rows.append(row)
-        all_scores.append(slice_scores(post, region, image_score)[vol.present])
-        all_labels.append(vol.label[vol.present] > 0)
+        scored = evaluated.slice_scored
+        all_scores.append(
+            slice_scores(evaluated.post_map, evaluated.slice_region, image_score)[scored]
+        )
+        all_labels.append(evaluated.slice_labels[scored])
     table = pd.DataFrame(rows)
     if all_scores:
         slice_level = slice_detection_metrics(
@@ -261,6 +314,7 @@ def subject_metrics_table(
     else:
         slice_level = slice_detection_metrics(np.empty(0), np.empty(0, dtype=bool))
     slice_level["image_score"] = image_score
+    slice_level["absent_slices"] = int(absent)
     slice_level["scores"] = str(Path(scores_path))
     return table, slice_level
 
@@ -353,13 +407,20 @@ def evaluate_test_split(
     healthy_train_subjects: Sequence[str],
     lpips_weights: str | os.PathLike | None = None,
     inception_weights: str | os.PathLike | None = None,
+    evaluation: EvaluationConfig | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Everything the ``subject_metrics`` rule reports for one test split.
+
+    ``spacing`` is the slice file's voxel size; HD95 and volumes use the evaluation grid's
+    (:meth:`brainuad.evaluation.grid.EvaluationConfig.grid_spacing`). The summary records
+    the evaluation mode and grid under ``evaluation``.
 
     Returns ``(table, summary)``: one row per subject (:func:`subject_metrics_table`, with
     the thresholds that apply to ``dataset``), and a summary with subject means, slice-level
     detection, feature metrics (skipped without weights) and the thresholds used.
     """
+    evaluation = evaluation or EvaluationConfig()
+    spacing = evaluation.grid_spacing(spacing)
     thresholds = thresholds_for_dataset(threshold_record, dataset)
     table, slice_level = subject_metrics_table(
         slice_path=slice_path,
@@ -369,7 +430,9 @@ def evaluate_test_split(
         image_score=image_score,
         voxel_volume_ml=float(np.prod(spacing)) / 1000.0,
         spacing=spacing,
+        evaluation=evaluation,
     )
+    absent = slice_level.pop("absent_slices")
     features = feature_metrics(
         slice_path=slice_path,
         scores_path=scores_path,
@@ -381,6 +444,7 @@ def evaluate_test_split(
     summary = {
         "dataset": dataset,
         "split": "test",
+        "evaluation": {**evaluation.record(), "spacing_mm": list(spacing), "absent_slices": absent},
         "n_subjects": len(table),
         "means": table.drop(columns=["subject"]).mean(numeric_only=True).to_dict(),
         "slice_level": {k: v for k, v in slice_level.items() if k != "scores"},

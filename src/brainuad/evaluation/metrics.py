@@ -139,6 +139,74 @@ def best_dice_threshold(
     return float(scores[best]), float(candidates[best])
 
 
+BestDiceSearch = Literal["exact", "bisection"]
+BISECTION_STEPS = 10
+"""Steps of cDDPM's threshold bisection (``find_best_val(..., max_steps=10)``)."""
+
+
+def best_dice_threshold_bisection(
+    values: np.ndarray, labels: np.ndarray, steps: int = BISECTION_STEPS
+) -> tuple[float, float]:
+    """cDDPM's best-Dice threshold search: an iterative interval bisection over ``[0, max]``.
+
+    The search of the reference (``find_best_val`` in cDDPM's ``src/utils/utils_eval.py``,
+    after D. Zimmerer): on the interval ``[lo, hi]`` (first ``[0, max(values)]``; an empty
+    interval ``lo == hi`` becomes ``[lo, 1]``) Dice of ``values > q`` is computed at the
+    quarter points ``q_low = lo + (hi - lo) / 4`` and ``q_high = lo + 3 (hi - lo) / 4``. If
+    ``Dice(q_low) >= Dice(q_high)`` the search continues on the lower half ``[lo, centre]``
+    and ``q_low`` becomes the best point when its Dice is ``>=`` the best so far (which
+    starts at Dice 0, threshold 0); otherwise on the upper half with ``q_high``. After
+    ``steps`` steps the best point is returned. It evaluates 2 · ``steps`` thresholds and can
+    miss the global optimum of a multimodal Dice curve; :func:`best_dice_threshold` is exact.
+
+    Returns:
+        ``(best_dice, threshold)``; ``(NaN, NaN)`` without positive labels.
+    """
+    v = np.asarray(values).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if v.shape != y.shape:
+        raise ValueError(f"values {v.shape} and labels {y.shape} differ in size")
+    n_pos = int(y.sum())
+    if n_pos == 0 or v.size == 0:
+        return _NAN, _NAN
+    positives = v[y]
+
+    def dice_at(threshold: float) -> float:
+        flagged = int((v > threshold).sum())
+        return 2.0 * int((positives > threshold).sum()) / (flagged + n_pos)
+
+    lo, hi = 0.0, float(v.max())
+    best, best_threshold = 0.0, 0.0
+    for _ in range(int(steps)):
+        if lo == hi:
+            hi = 1.0
+        q_low, q_high, centre = lo + 0.25 * (hi - lo), lo + 0.75 * (hi - lo), lo + 0.5 * (hi - lo)
+        d_low, d_high = dice_at(q_low), dice_at(q_high)
+        if d_low >= d_high:
+            if d_low >= best:
+                best, best_threshold = d_low, q_low
+            hi = centre
+        else:
+            if d_high >= best:
+                best, best_threshold = d_high, q_high
+            lo = centre
+    return float(best), float(best_threshold)
+
+
+def search_best_dice_threshold(
+    values: np.ndarray,
+    labels: np.ndarray,
+    search: BestDiceSearch = "exact",
+    n_candidates: int | None = None,
+) -> tuple[float, float]:
+    """:func:`best_dice_threshold` (``exact``) or :func:`best_dice_threshold_bisection`."""
+    if search == "exact":
+        return best_dice_threshold(values, labels, n_candidates=n_candidates)
+    if search == "bisection":
+        return best_dice_threshold_bisection(values, labels)
+    raise ValueError(f"best_dice_search: expected 'exact' or 'bisection', got {search!r}")
+
+
 # --- distances and lesions -------------------------------------------------------------
 
 

@@ -94,12 +94,22 @@ def erode_brainmask(brainmask: np.ndarray, cfg: PostprocessConfig) -> np.ndarray
 
 
 def postprocess_map(
-    anomaly_map: np.ndarray, brainmask: np.ndarray, cfg: PostprocessConfig
+    anomaly_map: np.ndarray,
+    brainmask: np.ndarray,
+    cfg: PostprocessConfig,
+    *,
+    remask: bool = True,
 ) -> np.ndarray:
     """Mask (eroded brain mask) and median-filter an anomaly map ``[S, H, W]``.
 
+    Args:
+        remask: zero the map outside the eroded mask again after the median filter (the
+            module doc's addition). The ``reference`` evaluation mode, which evaluates every
+            voxel as cDDPM does, turns it off so that the values the filter spreads out of
+            the mask count as in the reference.
+
     Returns:
-        float32 ``[S, H, W]``, zero outside the eroded brain mask.
+        float32 ``[S, H, W]``, zero outside the eroded brain mask (with ``remask``).
     """
     amap = np.asarray(anomaly_map, dtype=np.float32)
     if amap.shape != np.shape(brainmask):
@@ -108,7 +118,8 @@ def postprocess_map(
     out = amap * mask
     if cfg.median_kernel > 1:
         out = ndimage.median_filter(out, size=cfg.median_kernel)
-        out *= mask
+        if remask:
+            out *= mask
     return out.astype(np.float32, copy=False)
 
 

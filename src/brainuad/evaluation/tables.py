@@ -65,6 +65,9 @@ class MetricInfo(NamedTuple):
         is_fraction: the value lies in [0, 1] and is shown in percent.
         unit: unit of a non-fraction metric, e.g. ``"mm"`` or ``"ml"``.
         decimals: digits after the decimal point in the rendered tables.
+        protocol_label: short name of the threshold protocol for column headers of the
+            main table, where two protocols stand side by side, e.g.
+            ``"5 % healthy FPR, label-free"``.
     """
 
     display_name: str
@@ -74,6 +77,7 @@ class MetricInfo(NamedTuple):
     is_fraction: bool = True
     unit: str | None = None
     decimals: int = 1
+    protocol_label: str | None = None
 
 
 # base name (the part before "@") -> MetricInfo without protocol
@@ -104,20 +108,34 @@ _KNOWN_METRICS: dict[str, MetricInfo] = {
 }
 
 
+_HEALTHY_FPR = re.compile(r"healthy_fpr_(\d+(?:[._p]\d+)?)")
+
+
 def describe_protocol(protocol_key: str) -> str:
     """Human-readable threshold protocol from the suffix of a metric name.
 
-    ``"healthy_fpr_5"`` → ``"threshold: 5 % FPR on healthy validation"``;
-    ``"best_dice_val"`` → ``"threshold: best Dice on validation"``; anything else is named
-    as is.
+    ``"healthy_fpr_5"`` → ``"threshold: 5 % FPR on healthy validation (label-free)"``;
+    ``"best_dice_val"`` → ``"threshold: best Dice on the lesion validation split (uses
+    validation pixel labels)"``; anything else is named as is.
     """
-    match = re.fullmatch(r"healthy_fpr_(\d+(?:[._]\d+)?)", protocol_key)
+    match = _HEALTHY_FPR.fullmatch(protocol_key)
     if match:
-        percent = match.group(1).replace("_", ".")
-        return f"threshold: {percent} % FPR on healthy validation"
+        percent = re.sub("[_p]", ".", match.group(1))
+        return f"threshold: {percent} % FPR on healthy validation (label-free)"
     if protocol_key == "best_dice_val":
-        return "threshold: best Dice on validation"
+        return "threshold: best Dice on the lesion validation split (uses validation pixel labels)"
     return f"threshold: {protocol_key.replace('_', ' ')}"
+
+
+def protocol_label(protocol_key: str) -> str:
+    """Short protocol name for column headers: ``"5 % healthy FPR, label-free"``,
+    ``"best val. Dice, pixel labels"``; anything else as is."""
+    match = _HEALTHY_FPR.fullmatch(protocol_key)
+    if match:
+        return f"{re.sub('[_p]', '.', match.group(1))} % healthy FPR, label-free"
+    if protocol_key == "best_dice_val":
+        return "best val. Dice, pixel labels"
+    return protocol_key.replace("_", " ")
 
 
 def infer_metric_info(metric: str) -> MetricInfo:
@@ -136,7 +154,9 @@ def infer_metric_info(metric: str) -> MetricInfo:
         )
     info = _KNOWN_METRICS[base]
     if protocol_key:
-        info = info._replace(protocol=describe_protocol(protocol_key))
+        info = info._replace(
+            protocol=describe_protocol(protocol_key), protocol_label=protocol_label(protocol_key)
+        )
     return info
 
 
@@ -557,7 +577,11 @@ def render_main_table(
     caption = _caption(rows, infos, "Main results: " + ", ".join(_metric_title(i) for i in infos))
     method_labels = _names(methods, method_names)
     dataset_labels = _names(datasets, dataset_names)
-    metric_labels = [_header(info) for info in infos]
+    # Two protocols side by side: each thresholded column names its protocol.
+    metric_labels = [
+        _header(info) + (f" ({info.protocol_label})" if info.protocol_label else "")
+        for info in infos
+    ]
 
     md_header = ["Method"] + [
         _md_escape(f"{dataset} {metric}") for dataset in dataset_labels for metric in metric_labels

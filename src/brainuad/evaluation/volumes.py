@@ -39,6 +39,8 @@ class SubjectVolume:
         label: uint8 ``[S]``, slice label from the slice file (0 where missing).
         image: float32 ``[S, C, H, W]`` when requested, else None.
         reconstruction: float32 ``[S, C, H, W]`` when requested and stored, else None.
+        ignore: bool ``[S, H, W]``, the ``ignore`` voxels of the slice file (left out of
+            ``brainmask``), or None when the slice file has none.
     """
 
     subject: str
@@ -51,6 +53,7 @@ class SubjectVolume:
     label: np.ndarray
     image: np.ndarray | None = None
     reconstruction: np.ndarray | None = None
+    ignore: np.ndarray | None = None
 
     @property
     def has_lesion(self) -> bool:
@@ -152,8 +155,10 @@ def _assemble(
         return out
 
     brain = data["brainmask"] > 0
+    ignore = None
     if "ignore" in data:  # voxels of an ignore label (WMH's "other pathology") are not scored
-        brain &= data["ignore"] == 0
+        ignore = data["ignore"] > 0
+        brain &= ~ignore
     full_rows = np.full(depth, -1, dtype=np.int64)
     full_rows[at] = rows
     present = np.zeros(depth, dtype=bool)
@@ -169,4 +174,5 @@ def _assemble(
         label=stack(data["label"], np.uint8),
         image=stack(data["images"], np.float32) if with_images else None,
         reconstruction=stack(scored["reconstruction"], np.float32) if want_reco else None,
+        ignore=None if ignore is None else stack(ignore, bool),
     )
