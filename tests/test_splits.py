@@ -263,3 +263,16 @@ def test_lesion_val_subjects_exact_and_errors():
             where="s.tsv",
             dataset="brats21",
         )
+
+
+def test_release_folds_are_kept_whatever_the_counts():
+    subjects = ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"]
+    folds = ["test", "val,train", "train,val", "train,val", "val,train"]
+    release = dict(zip(subjects, folds, strict=True))
+    options = {"n_folds": 2, "healthy_sizes": {"train": 40, "val": 44, "test": 158}}
+    table = dataset_splits(
+        subjects, release=release, healthy=True, options=options, seed=0, where="s"
+    )
+    assert by_fold(table, 1) == {
+        "sub-a": "test", "sub-b": "train", "sub-c": "val", "sub-d": "val", "sub-e": "train"
+    }  # fmt: skip
