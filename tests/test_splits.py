@@ -11,6 +11,7 @@ from brainuad.errors import InputError
 from brainuad.slices.splits import (
     SPLITS,
     check_splits,
+    dataset_splits,
     healthy_splits,
     lesion_splits,
     read_splits,
@@ -178,3 +179,100 @@ def test_lesion_train_fraction_rejects():
         lesion_splits(LESION, n_folds=2, val_fraction=0.3, train_fraction=1.0, seed=0)
     with pytest.raises(InputError, match="fewer than 2 for val and test"):
         lesion_splits(LESION[:2], n_folds=2, val_fraction=0.3, train_fraction=0.5, seed=0)
+
+
+# ---- split sizes as counts (cDDPM paper, Table 1) ---------------------------------------
+
+
+def split_counts(table: pd.DataFrame, fold: int) -> dict[str, int]:
+    return {s: list(by_fold(table, fold).values()).count(s) for s in SPLITS}
+
+
+def test_healthy_sizes_give_exact_counts_and_disjoint_val_blocks():
+    # The paper's IXI 358 / 44 / 158 scaled down: 30 subjects, 3 folds of val 4, test 7.
+    subjects = [f"ixi{i:03d}" for i in range(30)]
+    table = healthy_splits(
+        subjects, n_folds=3, test_fraction=0.5, seed=2, sizes={"val": 4, "test": 7}
+    )
+    check_splits(table)
+    for k in range(3):
+        assert split_counts(table, k) == {"train": 19, "val": 4, "test": 7}
+    val_sets = [{s for s, v in by_fold(table, k).items() if v == "val"} for k in range(3)]
+    assert len(set().union(*val_sets)) == 12  # no subject in val twice
+    # With a train count the cohort is train + val; the surplus is in no split of any fold.
+    exact = healthy_splits(
+        subjects, n_folds=3, test_fraction=0.5, seed=2, sizes={"train": 10, "val": 4, "test": 7}
+    )
+    check_splits(exact)
+    for k in range(3):
+        assert split_counts(exact, k) == {"train": 10, "val": 4, "test": 7}
+    assert len(set(exact["subject"])) == 21
+
+
+@pytest.mark.parametrize(
+    ("sizes", "match"),
+    [
+        ({"val": 8, "test": 7}, r"cannot be met by 30 healthy subjects"),  # 3 x 8 > 23
+        ({"train": 20, "val": 4, "test": 7}, r"cannot be met"),  # 7 + 24 > 30
+        ({"test": 29}, r"leaving 1 for training"),
+        ({"train": 5}, r"a train count needs a val count"),
+        ({"validation": 3}, r"keys \['validation'\]"),
+    ],
+)
+def test_healthy_sizes_reject_impossible_counts(sizes, match):
+    subjects = [f"ixi{i:03d}" for i in range(30)]
+    with pytest.raises(InputError, match=match):
+        healthy_splits(subjects, n_folds=3, test_fraction=0.25, seed=0, sizes=sizes)
+
+
+def test_lesion_val_subjects_exact_and_errors():
+    subjects = [f"brats{i:02d}" for i in range(12)]
+    options = {"n_folds": 2, "lesion_val_fraction": 0.5, "lesion_val_subjects": {"brats21": 3}}
+    table = dataset_splits(
+        subjects,
+        release=None,
+        healthy=False,
+        options=options,
+        seed=0,
+        where="s.tsv",
+        dataset="brats21",
+    )
+    assert split_counts(table, 0) == {"train": 0, "val": 3, "test": 9}
+    # Another dataset keeps the fraction; a weakly supervised train part comes first.
+    other = dataset_splits(
+        subjects,
+        release=None,
+        healthy=False,
+        options={**options, "lesion_train_fraction": 0.25},
+        seed=0,
+        where="s.tsv",
+        dataset="mslub",
+    )
+    assert split_counts(other, 1) == {"train": 3, "val": 6, "test": 3}
+    with_train = lesion_splits(
+        subjects, n_folds=2, val_fraction=0.3, seed=0, train_fraction=0.25, val_subjects=8
+    )
+    assert split_counts(with_train, 0) == {"train": 3, "val": 8, "test": 1}
+    with pytest.raises(InputError, match=r"s\.tsv \(dataset brats21\).*lesion_val_subjects: 12"):
+        dataset_splits(
+            subjects,
+            release=None,
+            healthy=False,
+            options={**options, "lesion_val_subjects": {"brats21": 12}},
+            seed=0,
+            where="s.tsv",
+            dataset="brats21",
+        )
+
+
+def test_release_folds_are_kept_whatever_the_counts():
+    subjects = ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"]
+    folds = ["test", "val,train", "train,val", "train,val", "val,train"]
+    release = dict(zip(subjects, folds, strict=True))
+    options = {"n_folds": 2, "healthy_sizes": {"train": 40, "val": 44, "test": 158}}
+    table = dataset_splits(
+        subjects, release=release, healthy=True, options=options, seed=0, where="s"
+    )
+    assert by_fold(table, 1) == {
+        "sub-a": "test", "sub-b": "train", "sub-c": "val", "sub-d": "val", "sub-e": "train"
+    }  # fmt: skip

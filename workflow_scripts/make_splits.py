@@ -20,6 +20,7 @@ with rule_logging(snakemake.log[0]) as log:
         options=params.splits,
         seed=params.seed,
         where=str(snakemake.input.sheet),
+        dataset=snakemake.wildcards.dataset,
     )
     if release is not None:
         log.info("the download ships folds; splits.source: %s", params.splits.get("source", "auto"))

@@ -37,6 +37,9 @@ def n4_correct(
     shrink_factor: int = 4,
     iterations: tuple[int, ...] = (50, 50, 30, 20),
     mask: ants.ANTsImage | None = None,
+    tolerance: float = 1e-7,
+    spline_distance_mm: float | None = None,
+    weight_mask: ants.ANTsImage | None = None,
 ) -> ants.ANTsImage:
     """Divide ``image`` by its N4-estimated smooth multiplicative bias field.
 
@@ -48,12 +51,21 @@ def n4_correct(
             doubles at each level, so fewer than 3-4 levels cannot follow a real bias field
             (measured: 2 levels remove a tenth of a known bias, 4 levels all of it).
         mask: voxels used to fit the field; defaults to :func:`head_foreground_mask`.
+        tolerance: convergence threshold of each level (the cDDPM reference: 5e-4).
+        spline_distance_mm: B-spline mesh spacing in mm (ANTsPy 0.3's default 200, which
+            the cDDPM reference ran with); None keeps ANTsPy's current default (one mesh
+            element per axis at the first level).
+        weight_mask: voxel weights of the fit (the cDDPM reference: its brain mask smoothed
+            with a 1 mm Gaussian).
     """
     if mask is None:
         mask = head_foreground_mask(image)
+    extra = {} if spline_distance_mm is None else {"spline_param": spline_distance_mm}
     return ants.n4_bias_field_correction(
         image,
         mask=mask,
         shrink_factor=shrink_factor,
-        convergence={"iters": list(iterations), "tol": 1e-7},
+        convergence={"iters": list(iterations), "tol": tolerance},
+        weight_mask=weight_mask,
+        **extra,
     )

@@ -48,3 +48,27 @@ def _shifted_affine(affine: np.ndarray, start: np.ndarray) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = start
     return np.asarray(affine, dtype=np.float64) @ shift
+
+
+def centred_box_centre(shape: tuple[int, ...], box: tuple[int, int, int]) -> np.ndarray:
+    """The ``centre`` for :func:`crop_or_pad` that places ``box`` as torchio's
+    ``CropOrPad(box)`` places it on a volume of ``shape`` (the cDDPM reference's load-time
+    crop): ``ceil(d / 2)`` voxels of a difference ``d`` are cut (or padded) at the start of
+    each axis, ``floor(d / 2)`` at its end."""
+    diff = np.asarray(shape[:3], dtype=int) - np.asarray(box, dtype=int)
+    start = np.sign(diff) * np.ceil(np.abs(diff) / 2.0)
+    return start + (np.asarray(box, dtype=float) - 1.0) / 2.0
+
+
+def reference_brain_box(brainmask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The cDDPM reference's cut to the brain (``preprocessing/cut.py``): from the first to
+    the last non-zero index of the mask on each axis, the last one *excluded* (its slice
+    ``[first:last]``), so one brain plane is dropped at the end of every axis."""
+    if not np.any(brainmask):
+        raise ValueError("brain mask is empty: it has no bounding box")
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(np.any(brainmask != 0, axis=other))
+        box.append(slice(int(present[0]), int(present[-1])))
+    return box[0], box[1], box[2]

@@ -9,11 +9,17 @@ def percentile_normalise(
     data: np.ndarray,
     brainmask: np.ndarray,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    *,
+    zero_outside: bool = True,
 ) -> tuple[np.ndarray, float, float]:
     """Map ``data`` linearly so the brain's lower/upper percentiles become 0 and 1.
 
     ``x' = clip((x - p_low) / (p_high - p_low), 0, 1)`` inside the brain, 0 outside, with
-    ``p_low, p_high`` the ``percentiles`` of ``data[brainmask]``.
+    ``p_low, p_high`` the ``percentiles`` of ``data[brainmask]``. With
+    ``zero_outside=False`` the voxels outside the brain keep their mapped value: torchio's
+    ``RescaleIntensity((0, 1), percentiles, masking_method=mask)``, the cDDPM reference's
+    (it clips the whole volume to the two cut-offs, then maps its minimum and maximum, which
+    are those cut-offs, to 0 and 1).
 
     Returns:
         ``(normalised float32 array, p_low, p_high)``.
@@ -34,5 +40,6 @@ def percentile_normalise(
     if high <= low:
         raise ValueError(f"brain intensities are constant ({low}); cannot normalise")
     normalised = np.clip((data.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    normalised[~brainmask] = 0.0
+    if zero_outside:
+        normalised[~brainmask] = 0.0
     return normalised.astype(np.float32), low, high

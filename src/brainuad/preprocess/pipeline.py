@@ -138,6 +138,7 @@ def preprocess_subject(
     hdbet_weights: str | None = None,
     seed: int = 0,
     n4: bool = True,
+    pipeline: str = "default",
 ) -> dict[str, Any]:
     """Preprocess one subject's sequences onto the shared template grid.
 
@@ -165,6 +166,9 @@ def preprocess_subject(
         hdbet_weights: folder of the HD-BET model files, for ``skullstrip_method="hdbet"``.
         n4: False for a download that is bias-corrected already (cddpm_release): the
             N4 step is skipped.
+        pipeline: ``default`` (this function) or ``cddpm``: the cDDPM reference's steps and
+            order (:func:`brainuad.preprocess.cddpm.preprocess_subject_cddpm`, which gets
+            every other argument).
         seed: the study seed; seeds Python, NumPy and torch (deepbet) and, through
             :func:`~brainuad.preprocess.register.ants_random_seed`, every ANTs registration
             (ANTs seeds 0 from the clock, which made two runs differ).
@@ -183,6 +187,13 @@ def preprocess_subject(
         InputError: naming the file, when a NIfTI is unreadable, a volume's shape or affine
             differs from the reference sequence, or the brain mask is empty after stripping.
     """
+    if pipeline == "cddpm":
+        arguments = {k: v for k, v in locals().items() if k != "pipeline"}
+        from brainuad.preprocess.cddpm import preprocess_subject_cddpm
+
+        return preprocess_subject_cddpm(**arguments)
+    if pipeline != "default":
+        raise InputError(f"preprocess.pipeline: '{pipeline}' is not one of ['default', 'cddpm']")
     if reference_sequence not in images:
         raise InputError(
             f"reference_sequence: '{reference_sequence}' is not one of the images {sorted(images)}"

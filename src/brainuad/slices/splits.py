@@ -59,8 +59,21 @@ def _table(assignments: list[dict[str, str]]) -> pd.DataFrame:
     return table
 
 
+def _check_count(value: int | None, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise InputError(f"{key}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def healthy_splits(
-    subjects: Iterable[str], *, n_folds: int, test_fraction: float, seed: int
+    subjects: Iterable[str],
+    *,
+    n_folds: int,
+    test_fraction: float,
+    seed: int,
+    sizes: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """Held-out healthy test set plus ``n_folds`` train/val folds over the other subjects.
 
@@ -69,30 +82,66 @@ def healthy_splits(
     are cut into ``n_folds`` near-equal parts: fold ``k`` validates on part ``k`` and trains
     on the others, so every training-cohort subject is in val exactly once across folds.
 
+    With ``sizes`` (``splits.healthy_sizes``: counts, as the cDDPM paper's IXI 358 / 44 / 158)
+    the test set is the first ``sizes["test"]`` shuffled subjects (instead of the fraction).
+    With ``sizes["train"]`` the training cohort is the next ``train + val`` subjects (the
+    surplus is in no split of any fold: left out of the study); with ``sizes["val"]`` fold
+    ``k`` validates on the ``k``-th block of ``val`` subjects of the cohort (the blocks are
+    disjoint, so no subject is in val twice) and trains on the rest of the cohort.
+
     Raises:
-        InputError: ``n_folds < 2``, ``test_fraction`` outside ``[0, 1)``, duplicate ids, or
-            fewer than ``n_folds`` subjects left for training after the test set.
+        InputError: ``n_folds < 2``, ``test_fraction`` outside ``[0, 1)``, duplicate ids,
+            fewer than ``n_folds`` subjects left for training after the test set, or
+            ``sizes`` asking for more subjects than there are (naming the key).
     """
     n_folds = _check_n_folds(n_folds)
     if not 0.0 <= test_fraction < 1.0:
         raise InputError(
             f"splits.healthy_test_fraction: expected a value in [0, 1), got {test_fraction}"
         )
+    sizes = dict(sizes or {})
+    unknown = sorted(set(sizes) - set(SPLITS))
+    if unknown:
+        raise InputError(f"splits.healthy_sizes: keys {unknown}, expected some of {list(SPLITS)}")
+    counts = {k: _check_count(v, f"splits.healthy_sizes.{k}") for k, v in sizes.items()}
     ids = _unique_subjects(subjects, "healthy subjects")
-    n_test = _round_half_up(test_fraction * len(ids))
-    if test_fraction > 0:
-        n_test = max(n_test, 1)
+    if counts.get("test") is not None:
+        n_test = counts["test"]
+    else:
+        n_test = _round_half_up(test_fraction * len(ids))
+        if test_fraction > 0:
+            n_test = max(n_test, 1)
+    n_val, n_train = counts.get("val"), counts.get("train")
+    if n_val == 0 or n_train == 0:
+        raise InputError(f"splits.healthy_sizes: {sizes}: train and val need one subject each")
+    if n_train is not None and n_val is None:
+        raise InputError(f"splits.healthy_sizes: {sizes}: a train count needs a val count")
+    if n_val is not None:
+        cohort = len(ids) - n_test if n_train is None else n_train + n_val
+        if n_test + cohort > len(ids) or n_folds * n_val > cohort:
+            raise InputError(
+                f"splits.healthy_sizes: {sizes} with n_folds={n_folds} cannot be met by "
+                f"{len(ids)} healthy subjects: test takes {n_test}, the training cohort "
+                f"{cohort} must fit in the {len(ids) - n_test} left and hold n_folds x val = "
+                f"{n_folds * n_val} disjoint val subjects"
+            )
     if len(ids) - n_test < n_folds:
         raise InputError(
             f"healthy subjects: {len(ids)} given, {n_test} go to the test set "
-            f"(test_fraction={test_fraction}), leaving {len(ids) - n_test} for training; "
-            f"n_folds={n_folds} needs at least {n_folds} (one val subject per fold), "
-            f"i.e. at least {n_test + n_folds} subjects"
+            f"(test_fraction={test_fraction}, sizes={sizes}), leaving {len(ids) - n_test} "
+            f"for training; n_folds={n_folds} needs at least {n_folds} (one val subject per "
+            f"fold), i.e. at least {n_test + n_folds} subjects"
         )
     order = np.random.default_rng(seed).permutation(len(ids))
     shuffled = [ids[i] for i in order]
     test, rest = shuffled[:n_test], shuffled[n_test:]
-    parts = [list(p) for p in np.array_split(np.array(rest, dtype=object), n_folds)]
+    if n_val is None:
+        parts = [list(p) for p in np.array_split(np.array(rest, dtype=object), n_folds)]
+    else:
+        if n_train is not None:
+            rest = rest[: n_train + n_val]
+        parts = [rest[k * n_val : (k + 1) * n_val] for k in range(n_folds)]
+        parts.append(rest[n_folds * n_val :])  # in train in every fold
     assignments = []
     for k in range(n_folds):
         assignment = dict.fromkeys(test, "test")
@@ -109,6 +158,7 @@ def lesion_splits(
     val_fraction: float,
     seed: int,
     train_fraction: float = 0.0,
+    val_subjects: int | None = None,
 ) -> pd.DataFrame:
     """One train/val/test split of a lesion cohort, repeated for each of the ``n_folds`` folds.
 
@@ -117,13 +167,17 @@ def lesion_splits(
     ``round(val_fraction * n)`` to val and the rest to test. With two or more subjects left
     after train, val and test get at least one each; a single one goes to test. With
     ``train_fraction = 0`` the val/test assignment is the one of earlier versions.
+    ``val_subjects`` (``splits.lesion_val_subjects``: a count, as the cDDPM paper's BraTS21
+    100, MSLUB 10, ATLAS 175, WMH 15) replaces ``round(val_fraction * n)``: exactly that many
+    go to val, and at least one subject must be left for test.
 
     Raises:
         InputError: ``n_folds < 2``, ``val_fraction`` outside ``(0, 1)``, ``train_fraction``
             outside ``[0, 1)``, no subjects, duplicate ids, or too few subjects to give
-            train, val and test one each.
+            train, val and test one each, or ``val_subjects`` leaving none for test.
     """
     n_folds = _check_n_folds(n_folds)
+    val_subjects = _check_count(val_subjects, "splits.lesion_val_subjects")
     if not 0.0 < val_fraction < 1.0:
         raise InputError(
             f"splits.lesion_val_fraction: expected a value in (0, 1), got {val_fraction}"
@@ -144,8 +198,17 @@ def lesion_splits(
     order = np.random.default_rng(seed).permutation(len(ids))
     shuffled = [ids[i] for i in order]
     train, rest = shuffled[:n_train], shuffled[n_train:]
-    n_val = _round_half_up(val_fraction * len(ids))
-    n_val = min(max(n_val, 1), len(rest) - 1) if len(rest) >= 2 else 0
+    if val_subjects is not None:
+        if not 0 < val_subjects < len(rest):
+            raise InputError(
+                f"splits.lesion_val_subjects: {val_subjects} val subjects asked, but the "
+                f"cohort has {len(ids)} ({n_train} in train): at most {len(rest) - 1} fit, "
+                "leaving one for test (and at least 1 is needed)"
+            )
+        n_val = val_subjects
+    else:
+        n_val = _round_half_up(val_fraction * len(ids))
+        n_val = min(max(n_val, 1), len(rest) - 1) if len(rest) >= 2 else 0
     assignment = dict.fromkeys(rest[n_val:], "test")
     assignment.update(dict.fromkeys(rest[:n_val], "val"))
     assignment.update(dict.fromkeys(train, "train"))
@@ -197,6 +260,7 @@ def dataset_splits(
     options: Mapping[str, object],
     seed: int,
     where: str,
+    dataset: str | None = None,
 ) -> pd.DataFrame:
     """The splits of one dataset as the study's ``splits`` block asks.
 
@@ -207,8 +271,11 @@ def dataset_splits(
         healthy: the study's healthy training cohort (k-fold train/val + test).
         options: the ``splits`` block; ``source`` is ``auto`` (default: the release's
             folds where there are some, else drawn), ``draw`` or ``release`` (required).
+            Counts, where given, replace fractions: ``healthy_sizes`` ({train, val, test})
+            for the healthy cohort, ``lesion_val_subjects`` ({dataset: n}) for a lesion one.
         seed: the study seed, for drawn splits.
         where: the sheet, for messages.
+        dataset: the dataset's name in the study, the key of ``lesion_val_subjects``.
 
     Raises:
         InputError: ``source: release`` for a dataset without release folds, or any error of
@@ -227,20 +294,25 @@ def dataset_splits(
         return release_splits(
             {s: release[s] for s in subjects}, n_folds=options["n_folds"], where=where
         )
-    if healthy:
-        return healthy_splits(
+    try:
+        if healthy:
+            return healthy_splits(
+                subjects,
+                n_folds=options["n_folds"],
+                test_fraction=options.get("healthy_test_fraction", 0.25),
+                seed=seed,
+                sizes=options.get("healthy_sizes"),
+            )
+        return lesion_splits(
             subjects,
             n_folds=options["n_folds"],
-            test_fraction=options.get("healthy_test_fraction", 0.25),
+            val_fraction=options.get("lesion_val_fraction", 0.3),
+            train_fraction=options.get("lesion_train_fraction", 0.0),
             seed=seed,
+            val_subjects=(options.get("lesion_val_subjects") or {}).get(dataset),
         )
-    return lesion_splits(
-        subjects,
-        n_folds=options["n_folds"],
-        val_fraction=options.get("lesion_val_fraction", 0.3),
-        train_fraction=options.get("lesion_train_fraction", 0.0),
-        seed=seed,
-    )
+    except InputError as err:
+        raise InputError(f"{where} (dataset {dataset}): {err}") from err
 
 
 def check_splits(df: pd.DataFrame, *, source: str | os.PathLike | None = None) -> None:
