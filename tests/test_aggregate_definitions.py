@@ -119,7 +119,7 @@ def test_prevalence_is_pooled_over_subjects_and_folds(tmp_path):
     assert values["b"] == pytest.approx(40 / 2000)
     note = prevalence_note(prevalence, ["brats"], ["b", "a"])
     assert note == (
-        "Lesion prevalence (lesion fraction of the evaluated brain voxels of the test "
+        "Lesion prevalence (lesion fraction of the evaluated voxels of the test "
         "subjects, the AUPRC of a random score): brats 2.00 %."
     )
     paths[("b", 1, "brats")] = _metrics(tmp_path / "b1.csv", [10], [3000])

@@ -145,7 +145,7 @@ def test_metric_table_reads_as_documented():
     )
     assert tables["md"] == (
         "**Table: Dice in %; mean ± standard deviation over 2 folds. Threshold: 5 % FPR on "
-        "healthy validation. Best per column in bold (higher is better).**\n\n"
+        "healthy validation (label-free). Best per column in bold (higher is better).**\n\n"
         "| Method (Dice [%]) | ATLAS | brats |\n"
         "| --- | :---: | :---: |\n"
         "| a\\|x | – | 25.0 ± 5.0 |\n"
@@ -155,7 +155,7 @@ def test_metric_table_reads_as_documented():
         "\\begin{table}[t]\n"
         "\\centering\n"
         "\\caption{Dice in \\%; mean $\\pm$ standard deviation over 2 folds. Threshold: 5 \\% "
-        "FPR on healthy validation. Best per column in bold (higher is better).}\n"
+        "FPR on healthy validation (label-free). Best per column in bold (higher is better).}\n"
         "\\label{tab:dice_at_healthy_fpr_5}\n"
         "\\begin{tabular}{lcc}\n"
         "\\toprule\n"
@@ -192,9 +192,10 @@ def test_main_table_reads_as_documented():
     tables = render_main_table(summary, info, note="Prevalence 1 %.")
     assert tables["md"] == (
         "**Table: Main results: Dice in %, AUPRC in %; one fold (no standard deviation). "
-        "Threshold: 5 % FPR on healthy validation. Best per column in bold (higher is "
-        "better).**\n\n"
-        "| Method | brats Dice [%] | brats AUPRC [%] | atlas Dice [%] | atlas AUPRC [%] |\n"
+        "Threshold: 5 % FPR on healthy validation (label-free). Best per column in bold "
+        "(higher is better).**\n\n"
+        "| Method | brats Dice [%] (5 % healthy FPR, label-free) | brats AUPRC [%] | "
+        "atlas Dice [%] (5 % healthy FPR, label-free) | atlas AUPRC [%] |\n"
         "| --- | :---: | :---: | :---: | :---: |\n"
         "| m | **50.0** | **75.0** | **25.0** | **50.0** |\n"
         "\nPrevalence 1 %.\n"
@@ -203,7 +204,8 @@ def test_main_table_reads_as_documented():
     assert tex[4] == "\\begin{tabular}{lcccc}"
     assert tex[6] == " & \\multicolumn{2}{c}{brats} & \\multicolumn{2}{c}{atlas} \\\\"
     assert tex[7] == "\\cmidrule(lr){2-3} \\cmidrule(lr){4-5}"
-    assert tex[8] == "Method & Dice [\\%] & AUPRC [\\%] & Dice [\\%] & AUPRC [\\%] \\\\"
+    dice_header = "Dice [\\%] (5 \\% healthy FPR, label-free)"
+    assert tex[8] == f"Method & {dice_header} & AUPRC [\\%] & {dice_header} & AUPRC [\\%] \\\\"
     assert tex[-4:] == [
         "\\end{tabular}",
         "\\par\\smallskip",
@@ -240,13 +242,26 @@ def test_captions_name_fold_spans_oracle_and_directions():
 
 
 def test_metric_names_protocols_and_order():
-    assert describe_protocol("healthy_fpr_5") == "threshold: 5 % FPR on healthy validation"
-    assert describe_protocol("healthy_fpr_0_5") == "threshold: 0.5 % FPR on healthy validation"
-    assert describe_protocol("best_dice_val") == "threshold: best Dice on validation"
+    assert describe_protocol("healthy_fpr_5") == (
+        "threshold: 5 % FPR on healthy validation (label-free)"
+    )
+    assert describe_protocol("healthy_fpr_0_5") == (
+        "threshold: 0.5 % FPR on healthy validation (label-free)"
+    )
+    assert describe_protocol("best_dice_val") == (
+        "threshold: best Dice on the lesion validation split (uses validation pixel labels)"
+    )
     assert describe_protocol("fixed_0_5") == "threshold: fixed 0 5"
     info = infer_metric_info("hd95@best_dice_val")
     assert info == MetricInfo(
-        "HD95", False, "threshold: best Dice on validation", False, False, "mm", 1
+        "HD95",
+        False,
+        "threshold: best Dice on the lesion validation split (uses validation pixel labels)",
+        False,
+        False,
+        "mm",
+        1,
+        "best val. Dice, pixel labels",
     )
     assert infer_metric_info("auprc").protocol is None
     with pytest.raises(InputError, match="unknown base name 'dice_x'"):

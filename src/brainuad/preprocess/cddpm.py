@@ -57,12 +57,16 @@ from brainuad.preprocess.crop import centred_box_centre, crop_or_pad, reference_
 from brainuad.preprocess.labels import linear_positive_labels
 from brainuad.preprocess.normalise import percentile_normalise
 from brainuad.preprocess.orientation import reorient_to_lps, reorient_to_ras
-from brainuad.preprocess.pipeline import _as_mask, _load_checked, _StepTimer
+from brainuad.preprocess.pipeline import (
+    _load_checked,
+    _StepTimer,
+    subject_brain_mask,
+)
 from brainuad.preprocess.qc import write_qc_png
 from brainuad.preprocess.register import ants_random_seed, identity
 from brainuad.preprocess.register import register as register_images
 from brainuad.preprocess.resample import resample_to_isotropic
-from brainuad.preprocess.skullstrip import SKULLSTRIP_METHODS, skull_strip
+from brainuad.preprocess.skullstrip import SKULLSTRIP_METHODS
 from brainuad.preprocess.skullstrip_hdbet import check_hdbet
 from brainuad.preprocess.smooth import CURVATURE_FLOW_ITERATIONS, CURVATURE_FLOW_TIME_STEP
 from brainuad.preprocess.smooth import curvature_flow as curvature_flow_filter
@@ -208,37 +212,18 @@ def preprocess_subject_cddpm(
         template_brain = template * template_mask
 
     with timer.step("skullstrip"):
-        try:
-            if strip_method == "none":
-                # Stripped download: the brain is where the image is non-zero (raw grid).
-                raw_brain = nifti_to_ants(
-                    nib.Nifti1Image(
-                        (np.asanyarray(raw[strip_sequence].dataobj) != 0).astype(np.float32),
-                        raw[strip_sequence].affine,
-                    )
-                )
-                mask = _as_mask(
-                    ants.resample_image_to_target(
-                        raw_brain, heads[strip_sequence], interp_type="nearestNeighbor"
-                    )
-                )
-            else:
-                mask = skull_strip(
-                    heads[strip_sequence],
-                    method=strip_method,  # type: ignore[arg-type]
-                    template_t1=template,
-                    template_brainmask=template_mask,
-                    deepbet_threshold=deepbet_threshold,
-                    registration_type=registration_type,
-                    hdbet_weights=hdbet_weights,
-                    random_seed=random_seed,
-                )
-        except ValueError as err:
-            raise InputError(f"{reference_path}: skull-stripping failed: {err}") from err
-        if not mask.any():
-            raise InputError(
-                f"{reference_path}: brain mask is empty after skull-stripping ({strip_method})"
-            )
+        mask = subject_brain_mask(
+            raw[strip_sequence],
+            heads[strip_sequence],
+            method=strip_method,
+            template=template,
+            template_mask=template_mask,
+            deepbet_threshold=deepbet_threshold,
+            registration_type=registration_type,
+            hdbet_weights=hdbet_weights,
+            random_seed=random_seed,
+            where=reference_path,
+        )
         subject_mask = heads[strip_sequence].new_image_like(mask.astype(np.float32))
         if coregister_sequences:
             for name in heads:

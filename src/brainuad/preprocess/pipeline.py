@@ -113,6 +113,52 @@ def _as_mask(image: ants.ANTsImage) -> np.ndarray:
     return image.numpy() > 0.5
 
 
+def subject_brain_mask(
+    raw: nib.Nifti1Image,
+    head: ants.ANTsImage,
+    *,
+    method: str,
+    template: ants.ANTsImage,
+    template_mask: ants.ANTsImage,
+    deepbet_threshold: float,
+    registration_type: str,
+    hdbet_weights: str | os.PathLike | None,
+    random_seed: int,
+    where: str | os.PathLike,
+) -> np.ndarray:
+    """Boolean brain mask on the grid of ``head`` (the resampled image of ``raw``).
+
+    ``method`` ``"none"`` is a skull-stripped download: the brain is where ``raw`` is
+    non-zero, taken on the raw grid (B-spline resampling rings into the zero background);
+    otherwise :func:`skull_strip` runs on ``head``. Raises InputError naming ``where`` when
+    stripping fails or leaves an empty mask.
+    """
+    try:
+        if method == "none":
+            raw_brain = nifti_to_ants(
+                nib.Nifti1Image((np.asanyarray(raw.dataobj) != 0).astype(np.float32), raw.affine)
+            )
+            mask = _as_mask(
+                ants.resample_image_to_target(raw_brain, head, interp_type="nearestNeighbor")
+            )
+        else:
+            mask = skull_strip(
+                head,
+                method=method,  # type: ignore[arg-type]
+                template_t1=template,
+                template_brainmask=template_mask,
+                deepbet_threshold=deepbet_threshold,
+                registration_type=registration_type,
+                hdbet_weights=hdbet_weights,
+                random_seed=random_seed,
+            )
+    except ValueError as err:
+        raise InputError(f"{where}: skull-stripping failed: {err}") from err
+    if not mask.any():
+        raise InputError(f"{where}: brain mask is empty after skull-stripping (method {method})")
+    return mask
+
+
 def preprocess_subject(
     *,
     images: dict[str, Path],
@@ -272,39 +318,18 @@ def preprocess_subject(
                         heads[name] = reg.to_fixed(heads[name], "linear")
 
     with timer.step("skullstrip"):
-        try:
-            if skullstrip_method == "none":
-                # Stripped download: the brain is where the reference is non-zero, taken on
-                # the raw grid (B-spline resampling rings into the zero background).
-                raw_brain = nifti_to_ants(
-                    nib.Nifti1Image(
-                        (np.asanyarray(raw[reference_sequence].dataobj) != 0).astype(np.float32),
-                        raw[reference_sequence].affine,
-                    )
-                )
-                mask = _as_mask(
-                    ants.resample_image_to_target(
-                        raw_brain, heads[reference_sequence], interp_type="nearestNeighbor"
-                    )
-                )
-            else:
-                mask = skull_strip(
-                    heads[reference_sequence],
-                    method=skullstrip_method,  # type: ignore[arg-type]
-                    template_t1=template,
-                    template_brainmask=template_mask,
-                    deepbet_threshold=deepbet_threshold,
-                    registration_type=registration_type,
-                    hdbet_weights=hdbet_weights,
-                    random_seed=random_seed,
-                )
-        except ValueError as err:
-            raise InputError(f"{reference_path}: skull-stripping failed: {err}") from err
-        if not mask.any():
-            raise InputError(
-                f"{reference_path}: brain mask is empty after skull-stripping "
-                f"(method {skullstrip_method})"
-            )
+        mask = subject_brain_mask(
+            raw[reference_sequence],
+            heads[reference_sequence],
+            method=skullstrip_method,
+            template=template,
+            template_mask=template_mask,
+            deepbet_threshold=deepbet_threshold,
+            registration_type=registration_type,
+            hdbet_weights=hdbet_weights,
+            random_seed=random_seed,
+            where=reference_path,
+        )
         subject_mask = heads[reference_sequence].new_image_like(mask.astype(np.float32))
 
     record: dict[str, Any] = {}
