@@ -403,6 +403,7 @@ def test_seed_methods_run_end_to_end_on_the_tiny_study(tiny_study: Path, tmp_pat
         ignore=shutil.ignore_patterns("models", "scores", "calibration", "metrics", "tables"),
     )
     targets = [f"results/metrics/{m}/fold0/synth_brats.csv" for m in TRAINED_SEED_METHODS]
+    targets.append("results/calibration/anofpdm/fold0/selection.json")  # no metric reads it
     toy_snakemake(workdir, SEED_METHODS, "--cores", "2", *targets)
 
     results = workdir / "results"
