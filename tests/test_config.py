@@ -139,6 +139,17 @@ def _without_lesion_train_split(config: dict) -> dict:
             ),
             r"methods.weak.train_datasets: 'x' is not one of the datasets",
         ),
+        (
+            # a per-dataset fraction that leaves a cohort the method trains on without train
+            lambda c: (
+                _with_toy_methods(c)["methods"].update(
+                    weak={"method": "toy_weak", "training": {"max_steps": 2}}
+                )
+                or c["splits"].update(lesion_train_fraction={"other": 0.5})
+            ),
+            r"methods.weak: .* train split of 'synth_brats', but "
+            r"splits.lesion_train_fraction gives it \{'other': 0.5\}",
+        ),
     ],
 )
 def test_method_entries_are_checked_before_any_job(edit, message: str) -> None:
@@ -157,3 +168,15 @@ def test_variants_of_one_implementation_are_valid() -> None:
     }
     validate(config, SCHEMA)
     check_config(config)
+
+
+def test_lesion_train_fraction_per_dataset_is_valid_for_the_cohorts_trained_on() -> None:
+    config = copy.deepcopy(load("config.yaml"))
+    weak = [n for n, s in config["methods"].items() if s.get("train_datasets")]
+    assert weak and all(config["methods"][n]["train_datasets"] == ["synth_brats"] for n in weak)
+    config["splits"]["lesion_train_fraction"] = {"synth_brats": 0.4}
+    validate(config, SCHEMA)
+    check_config(config)
+    config["splits"]["lesion_train_fraction"] = {"synth_brats": 1.0}
+    with pytest.raises(Exception, match="lesion_train_fraction"):
+        validate(config, SCHEMA)

@@ -249,6 +249,19 @@ def test_lesion_val_subjects_exact_and_errors():
         dataset="mslub",
     )
     assert split_counts(other, 1) == {"train": 3, "val": 6, "test": 3}
+    # Per dataset: only the cohorts the mapping names give up train subjects.
+    per_dataset = {**options, "lesion_train_fraction": {"mslub": 0.25}}
+    for dataset, expected in (("mslub", 3), ("wmh", 0)):
+        table = dataset_splits(
+            subjects,
+            release=None,
+            healthy=False,
+            options=per_dataset,
+            seed=0,
+            where="s.tsv",
+            dataset=dataset,
+        )
+        assert split_counts(table, 0)["train"] == expected
     with_train = lesion_splits(
         subjects, n_folds=2, val_fraction=0.3, seed=0, train_fraction=0.25, val_subjects=8
     )

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -141,6 +142,18 @@ def test_tiny_study_tables_and_figures(tiny_study: Path) -> None:
     assert list(intervals.columns) == CI_COLUMNS and len(intervals) == 2 * n_methods
     for stem in ("significance", "confidence_intervals"):
         assert r"\begin{table}" in (tiny_study / "results" / "tables" / f"{stem}.tex").read_text()
+
+
+@pytest.mark.slow
+def test_report_holds_the_tables_and_figures(tiny_study: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.zip"
+    snakemake(tiny_study, "--report", str(report))
+    with zipfile.ZipFile(report) as archive:
+        names = {Path(name).name for name in archive.namelist()}
+    for table in ("main.md", "significance.md", "confidence_intervals.md"):
+        assert table in names, sorted(names)
+    for figure in ("dice_boxplot", "pr_curves", "qualitative", "significance"):
+        assert f"{figure}.png" in names, sorted(names)
 
 
 @pytest.mark.slow

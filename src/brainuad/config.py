@@ -74,12 +74,12 @@ def check_methods(config: dict[str, Any]) -> None:
     from brainuad.data.datasets import dataset_slice_sequences, method_inputs
     from brainuad.errors import InputError
     from brainuad.methods.registry import available_methods, import_method_modules, method_class
+    from brainuad.slices.splits import lesion_train_fraction
 
     import_method_modules(config.get("method_modules", []))
     datasets = config["datasets"]
     healthy = config["healthy_dataset"]
     sliced = config["slices"]["sequences"]
-    lesion_train_fraction = config["splits"].get("lesion_train_fraction", 0)
     for name, spec in config["methods"].items():
         where = f"methods.{name}"
         implementation = spec.get("method", name)
@@ -133,12 +133,20 @@ def check_methods(config: dict[str, Any]) -> None:
                 )
             if not weak:
                 continue
-            if not lesion_train_fraction > 0:
-                raise ConfigError(
-                    f"{where}: '{implementation}' (stage '{stage.name}') is weakly supervised and "
-                    "trains on lesion cohorts' train split, but splits.lesion_train_fraction is "
-                    f"{lesion_train_fraction}; set it > 0"
-                )
+            lesion_cohorts = [
+                d
+                for d in spec.get("train_datasets") or list(datasets)
+                if d in datasets and d != healthy and datasets[d]["lesion"] != "none"
+            ]
+            for dataset in lesion_cohorts:
+                if not lesion_train_fraction(config["splits"], dataset) > 0:
+                    raise ConfigError(
+                        f"{where}: '{implementation}' (stage '{stage.name}') is weakly "
+                        f"supervised and trains on the train split of '{dataset}', but "
+                        "splits.lesion_train_fraction gives it "
+                        f"{config['splits'].get('lesion_train_fraction', 0)}; set it > 0 "
+                        "(or leave the cohort out of train_datasets)"
+                    )
         for dataset in spec.get("train_datasets", []):
             if dataset not in datasets:
                 raise ConfigError(

@@ -54,6 +54,9 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_preprocess.py::test_brain_box_centre",
         "tests/test_preprocess_definitions.py",
     ],
+    "preprocess/register.py": ["tests/test_register_definitions.py"],
+    "preprocess/skullstrip.py": ["tests/test_register_definitions.py"],
+    "preprocess/skullstrip_template.py": ["tests/test_register_definitions.py"],
     # test_training.py trains tiny models (seconds per test, hundreds of mutants of train()):
     # its tests that train nothing, so train()'s own mutants count as "no test" here
     "training/loop.py": [

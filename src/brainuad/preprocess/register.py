@@ -63,7 +63,8 @@ class Registration:
 
 
 def ants_random_seed(seed: int) -> int:
-    """A valid ANTs seed (1 … 2³¹ − 1) derived from the study ``seed``, never 0."""
+    """A valid ANTs seed derived from the study ``seed``: in 1 … 2³¹ − 2 (ANTs takes 32-bit
+    signed seeds ≥ 1), never 0, which ANTs replaces by the clock."""
     return 1 + int(seed) % (2**31 - 2)
 
 

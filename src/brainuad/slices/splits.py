@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -307,12 +308,22 @@ def dataset_splits(
             subjects,
             n_folds=options["n_folds"],
             val_fraction=options.get("lesion_val_fraction", 0.3),
-            train_fraction=options.get("lesion_train_fraction", 0.0),
+            train_fraction=lesion_train_fraction(options, dataset),
             seed=seed,
             val_subjects=(options.get("lesion_val_subjects") or {}).get(dataset),
         )
     except InputError as err:
         raise InputError(f"{where} (dataset {dataset}): {err}") from err
+
+
+def lesion_train_fraction(options: Mapping[str, Any], dataset: str) -> float:
+    """``splits.lesion_train_fraction`` of ``dataset``: the number itself, or its entry when the
+    setting maps datasets to fractions (0 for a dataset it does not name), so that only the
+    cohorts weakly supervised methods train on give up test subjects."""
+    setting = options.get("lesion_train_fraction", 0.0)
+    if isinstance(setting, Mapping):
+        return float(setting.get(dataset, 0.0))
+    return float(setting)
 
 
 def check_splits(df: pd.DataFrame, *, source: str | os.PathLike | None = None) -> None:
