@@ -271,9 +271,7 @@ def test_skull_strip_dispatches_with_each_methods_settings(monkeypatch) -> None:
     common = {"template_t1": template, "template_brainmask": template_mask}
     out = skull_strip(head, method="deepbet", deepbet_threshold=0.7, **common)
     assert out.all() and seen["deepbet"] == (SHAPE, 0.7)
-    out = skull_strip(
-        head, method="template", registration_type="Rigid", random_seed=4, **common
-    )
+    out = skull_strip(head, method="template", registration_type="Rigid", random_seed=4, **common)
     assert not out.any()
     h, t1, m, *settings = seen["template"]
     assert h is head and t1 is template and m is template_mask and settings == ["Rigid", 4]
