@@ -8,6 +8,7 @@ Small volumes (24³ at 4 mm) keep each ANTs call well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,26 @@ def image(data: np.ndarray, origin=(0.0, 0.0, 0.0)) -> ants.ANTsImage:
     return ants.from_numpy(
         np.ascontiguousarray(data, dtype=np.float32), origin=origin, spacing=(SPACING,) * 3
     )
+
+
+def fake_registrations(monkeypatch, carried_back: np.ndarray) -> list[dict]:
+    """Replace the registration of template stripping by one whose inverse carries
+    ``carried_back`` onto the head whatever it is given; returns the record of every pass
+    (fixed, moving, settings, and the interpolation of the carried mask)."""
+    passes: list[dict] = []
+
+    class FakeRegistration:
+        def to_moving(self, img, interpolation):
+            passes[-1]["interpolation"] = interpolation
+            return image(carried_back.astype(np.float32))
+
+    @contextlib.contextmanager
+    def fake_register(fixed, moving, **settings):
+        passes.append({"fixed": fixed, "moving": moving, "settings": settings})
+        yield FakeRegistration()
+
+    monkeypatch.setattr(skullstrip_template, "register", fake_register)
+    return passes
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -163,33 +184,16 @@ def test_template_stripping_thresholds_the_interpolated_mask_at_one_half(monkeyp
     template = image(blob_volume())
     probability = np.linspace(0, 1, np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
     probability[0, 0, :4] = 0.5  # exactly one half is not brain
-    calls = []
-
-    class FakeRegistration:
-        def to_moving(self, img, interpolation):
-            calls.append(interpolation)
-            return image(probability)
-
-    class FakeRegister:
-        def __init__(self, fixed, moving, **kwargs):
-            calls.append((fixed, moving, kwargs))
-
-        def __enter__(self):
-            return FakeRegistration()
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(skullstrip_template, "register", FakeRegister)
+    passes = fake_registrations(monkeypatch, probability)
     head = image(blob_volume())
     mask = registration_brainmask(
         head, template, template, type_of_transform="Rigid", random_seed=9, refinements=0
     )
     assert np.array_equal(mask, probability > 0.5) and not mask[0, 0, :4].any()
-    fixed, moving, kwargs = calls[0]
-    assert fixed is template and moving is head
-    assert kwargs == {"type_of_transform": "Rigid", "random_seed": 9}
-    assert calls[1] == "linear"
+    assert len(passes) == 1
+    assert passes[0]["fixed"] is template and passes[0]["moving"] is head
+    assert passes[0]["settings"] == {"type_of_transform": "Rigid", "random_seed": 9}
+    assert passes[0]["interpolation"] == "linear"
 
 
 def test_template_stripping_refines_on_the_head_cut_to_the_grown_mask(monkeypatch) -> None:
@@ -197,57 +201,25 @@ def test_template_stripping_refines_on_the_head_cut_to_the_grown_mask(monkeypatc
     template_mask = image((blob_volume() > 0.5).astype(np.float32))
     first = np.zeros(SHAPE, bool)
     first[10:14, 10:14, 10:14] = True
-    passes = []
-
-    class FakeRegistration:
-        def to_moving(self, img, interpolation):
-            return image(first.astype(np.float32))
-
-    class FakeRegister:
-        def __init__(self, fixed, moving, **kwargs):
-            passes.append((fixed, moving.numpy()))
-
-        def __enter__(self):
-            return FakeRegistration()
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(skullstrip_template, "register", FakeRegister)
+    passes = fake_registrations(monkeypatch, first)
     head_data = blob_volume() + 0.1
-    head = image(head_data)
     mask = registration_brainmask(
-        head, template, template_mask, refinements=2, margin_mm=8.0, random_seed=1
+        image(head_data), template, template_mask, refinements=2, margin_mm=8.0, random_seed=1
     )
     assert np.array_equal(mask, first)
     assert len(passes) == 3
-    assert passes[0][0] is template and np.array_equal(passes[0][1], head_data)
+    assert passes[0]["fixed"] is template
+    assert np.array_equal(passes[0]["moving"].numpy(), head_data)
     # later passes: the template brain (template x its mask) and the head cut to the mask
     # grown by 8 mm = 2 voxels at 4 mm (a cross-shaped dilation, scipy's default)
     grown = ndimage.binary_dilation(first, iterations=2)
-    for fixed, moving in passes[1:]:
-        assert np.allclose(fixed.numpy(), template.numpy() * template_mask.numpy())
-        assert np.allclose(moving, head_data * grown)
+    for later in passes[1:]:
+        assert np.allclose(later["fixed"].numpy(), template.numpy() * template_mask.numpy())
+        assert np.allclose(later["moving"].numpy(), head_data * grown)
 
 
 def test_template_stripping_stops_when_the_mask_is_empty(monkeypatch) -> None:
-    passes = []
-
-    class FakeRegistration:
-        def to_moving(self, img, interpolation):
-            return image(np.zeros(SHAPE, np.float32))
-
-    class FakeRegister:
-        def __init__(self, fixed, moving, **kwargs):
-            passes.append(moving)
-
-        def __enter__(self):
-            return FakeRegistration()
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(skullstrip_template, "register", FakeRegister)
+    passes = fake_registrations(monkeypatch, np.zeros(SHAPE))
     template = image(blob_volume())
     mask = registration_brainmask(image(blob_volume()), template, template, refinements=3)
     assert not mask.any() and mask.shape == SHAPE and len(passes) == 1
@@ -295,32 +267,23 @@ def test_skull_strip_dispatches_with_each_methods_settings(monkeypatch) -> None:
 def test_template_stripping_defaults_to_one_seeded_affine_pass(monkeypatch) -> None:
     """The module's measured choice: a single affine pass (refinements cost twice as much for
     no gain), seed 1; a refinement grows the mask by 6 mm, at least one voxel."""
-    passes = []
     full = np.zeros(SHAPE, bool)
     full[10:14, 10:14, 10:14] = True
-
-    class FakeRegistration:
-        def to_moving(self, img, interpolation):
-            return image(full.astype(np.float32))
-
-    class FakeRegister:
-        def __init__(self, fixed, moving, **kwargs):
-            passes.append((moving.numpy(), kwargs))
-
-        def __enter__(self):
-            return FakeRegistration()
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(skullstrip_template, "register", FakeRegister)
+    passes = fake_registrations(monkeypatch, full)
     template = image(blob_volume())
     head_data = blob_volume() + 0.1
     registration_brainmask(image(head_data), template, template)
-    assert len(passes) == 1 and passes[0][1] == {"type_of_transform": "Affine", "random_seed": 1}
+    assert len(passes) == 1
+    assert passes[0]["settings"] == {"type_of_transform": "Affine", "random_seed": 1}
     for margin_mm, voxels in ((None, 2), (4.0, 1), (1.0, 1)):  # 6 mm at 4 mm: 1.5 -> 2
         passes.clear()
         extra = {} if margin_mm is None else {"margin_mm": margin_mm}
         registration_brainmask(image(head_data), template, template, refinements=1, **extra)
         grown = ndimage.binary_dilation(full, iterations=voxels)
-        assert np.allclose(passes[1][0], head_data * grown), margin_mm
+        assert np.allclose(passes[1]["moving"].numpy(), head_data * grown), margin_mm
+    # on a 2 mm head the default 6 mm is 3 voxels
+    passes.clear()
+    head_2mm = ants.from_numpy(head_data, spacing=(2.0, 2.0, 2.0))
+    registration_brainmask(head_2mm, template, template, refinements=1)
+    grown = ndimage.binary_dilation(full, iterations=3)
+    assert np.allclose(passes[1]["moving"].numpy(), head_data * grown)
