@@ -152,6 +152,16 @@ def equivalent_names(doc: Path) -> set[str]:
     return set(re.findall(r"`(brainuad\.[^`\s]+__mutmut_\d+)`", section))
 
 
+def single_threaded_env() -> dict[str, str]:
+    """The environment of a mutmut run: one thread per numerical library. mutmut forks every
+    mutant's run from one warm process; a torch (OpenMP) thread pool started before the fork
+    leaves the child waiting for threads that do not exist, which reads as a timeout."""
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = "1"
+    return env
+
+
 def run_module(
     root: Path,
     module: str,
@@ -177,7 +187,12 @@ def run_module(
         for name in ("src", "tests"):
             (work / name).symlink_to(root / name)
         (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
-        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
+        subprocess.run(
+            [mutmut, "run", "--max-children", str(max_children)],
+            cwd=work,
+            check=True,
+            env=single_threaded_env(),
+        )
     status = mutant_status(work, module)
     counts = Counter(status.values())
     survivors = sorted(name for name, st in status.items() if st in ("survived", "no tests"))
