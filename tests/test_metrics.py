@@ -336,7 +336,17 @@ def test_feature_metrics_with_saved_networks(tmp_path):
     torch = pytest.importorskip("torch")
 
     class Features(torch.nn.Module):
+        """Mean and maximum behind an identity 1x1 convolution: float32 weights, as a real
+        feature network's, so the images must reach it as float32."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            torch.nn.init.ones_(self.conv.weight)
+            torch.nn.init.zeros_(self.conv.bias)
+
         def forward(self, x):
+            x = self.conv(x)
             return torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3))], dim=1)
 
     class Distance(torch.nn.Module):
@@ -350,7 +360,7 @@ def test_feature_metrics_with_saved_networks(tmp_path):
     torch.export.save(exported, str(tmp_path / "fid.pt2"))
     torch.jit.script(Distance()).save(str(tmp_path / "lpips.pt"))
     rng = np.random.default_rng(7)
-    a = rng.random((20, 1, 8, 8)).astype(np.float32)
+    a = rng.random((20, 1, 8, 8))  # float64 images: cast for the network
     b = (rng.random((20, 1, 8, 8)) * 0.5).astype(np.float32)
     fa = np.stack([a.mean((1, 2, 3)), a.max((1, 2, 3))], 1).astype(np.float64)
     fb = np.stack([b.mean((1, 2, 3)), b.max((1, 2, 3))], 1).astype(np.float64)

@@ -16,6 +16,7 @@ import pytest
 from scipy.spatial.distance import cdist
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from brainuad.errors import InputError
 from brainuad.evaluation import metrics as M
 from brainuad.evaluation.postprocess import PostprocessConfig
 
@@ -69,16 +70,50 @@ def test_search_dispatches_to_the_named_search():
 
 
 def test_quantile_candidates_are_lower_quantiles_of_the_values():
-    # 11 values 0..10, 3 candidates: the lower 0, 50 and 100 % quantiles 0, 5 and 10, and
-    # just below the minimum. The labels make 5 the best of those (flag 6..10 exactly).
+    # 11 values 0..10, 4 candidates: the lower 0, 1/3, 2/3 and 1 quantiles 0, 3, 6 and 10
+    # (data values, not the interpolated 3.33 and 6.67), and just below the minimum.
     values = np.arange(11, dtype=np.float64)
-    labels = values > 5
-    assert M.best_dice_threshold(values, labels, n_candidates=3) == (1.0, 5.0)
-    labels = values > 6  # 6 is no candidate: > 5 flags one negative, 2 * 4 / (5 + 4)
-    assert M.best_dice_threshold(values, labels, n_candidates=3) == (pytest.approx(8 / 9), 5.0)
+    assert M.best_dice_threshold(values, values > 6, n_candidates=4) == (1.0, 6.0)
+    # 5 is no candidate: > 6 misses one positive, 2 * 4 / (4 + 5), > 3 flags two negatives,
+    # 2 * 5 / (7 + 5)
+    assert M.best_dice_threshold(values, values > 5, n_candidates=4) == (
+        pytest.approx(8 / 9),
+        6.0,
+    )
     # one candidate: the minimum itself, or flagging everything
-    best, threshold = M.best_dice_threshold(values, values > 0, n_candidates=1)
-    assert (best, threshold) == (1.0, 0.0)
+    assert M.best_dice_threshold(values, values > 0, n_candidates=1) == (1.0, 0.0)
+
+
+def test_exact_search_on_a_single_voxel_and_mismatched_sizes():
+    assert M.best_dice_threshold(np.array([0.5]), np.array([True])) == (
+        1.0,
+        np.nextafter(0.5, -np.inf),
+    )
+    with pytest.raises(ValueError, match="differ in size"):
+        M.best_dice_threshold(np.zeros(4), np.ones(3, bool))
+
+
+def test_masks_are_read_as_nonzero_is_foreground():
+    """A label map (BraTS values 1, 2, 4) or a uint8 mask is a mask: every nonzero voxel."""
+    rng = np.random.default_rng(4)
+    labels = np.zeros((4, 10, 10), np.uint8)
+    labels[1:3, 2:5, 2:5] = 1
+    labels[1:3, 5:8, 3:6] = 2
+    labels[2, 6, 6:9] = 4
+    pred = np.zeros_like(labels)
+    pred[1:3, 3:7, 3:7] = 1
+    pred[0, 9, 9] = 1
+    scores = rng.random(labels.shape) + (labels > 0)
+    mask, binary = labels > 0, pred > 0
+    assert M.dice(pred, labels) == M.dice(binary, mask)
+    assert M.hd95(pred, labels) == M.hd95(binary, mask)
+    assert M.lesion_detection(pred, labels) == M.lesion_detection(binary, mask)
+    assert M.auroc(scores, labels) == M.auroc(scores, mask)
+    assert M.auprc(scores, labels) == M.auprc(scores, mask)
+    assert M.best_dice_threshold(scores, labels) == M.best_dice_threshold(scores, mask)
+    assert M.best_dice_threshold_bisection(scores, labels) == M.best_dice_threshold_bisection(
+        scores, mask
+    )
 
 
 def test_exact_ties_go_to_the_highest_threshold():
@@ -124,6 +159,48 @@ def test_hd95_of_solid_shapes_uses_six_neighbour_surfaces():
         assert M.hd95(ball, box, spacing) == pytest.approx(want)
 
 
+# --- lesion-wise detection ------------------------------------------------------------------
+
+
+def test_lesions_are_26_connected_in_the_ground_truth_too():
+    gt = np.zeros((3, 6, 6), bool)
+    gt[0, 0, 0] = gt[1, 1, 1] = True  # touching by a corner: one lesion
+    pred = np.zeros_like(gt)
+    pred[0, 0, 0] = True
+    out = M.lesion_detection(pred, gt)
+    assert (out["lesion_tp"], out["lesion_fp"], out["lesion_fn"]) == (1, 0, 0)
+
+
+def test_lesion_precision_recall_f1_by_hand():
+    gt = np.zeros((1, 12, 12), bool)
+    gt[0, 0, 0] = gt[0, 0, 5] = gt[0, 5, 0] = True  # three lesions
+    pred = np.zeros_like(gt)
+    pred[0, 0, 0] = pred[0, 10, 10] = True  # one hit, one false positive
+    out = M.lesion_detection(pred, gt)
+    assert (out["lesion_tp"], out["lesion_fp"], out["lesion_fn"]) == (1, 1, 2)
+    assert out["lesion_precision"] == 0.5 and out["lesion_recall"] == pytest.approx(1 / 3)
+    assert out["lesion_f1"] == pytest.approx(2 * 0.5 / 3 / (0.5 + 1 / 3))
+    gt[0, 5, 0] = False  # one hit, one missed: recall 1/2
+    assert M.lesion_detection(pred, gt)["lesion_recall"] == 0.5
+    # everything missed and only false positives: precision = recall = 0, F1 0 (not NaN)
+    pred[0, 0, 0] = False
+    out = M.lesion_detection(pred, gt)
+    assert (out["lesion_precision"], out["lesion_recall"], out["lesion_f1"]) == (0.0, 0.0, 0.0)
+
+
+# --- feature metrics --------------------------------------------------------------------------
+
+
+def test_feature_metrics_name_themselves():
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    assert M.fid(x, x, weights_path=None)["skipped"].startswith("FID: no weights path given")
+    assert M.lpips(x, x, weights_path=None)["skipped"].startswith("LPIPS: no weights path")
+    with pytest.raises(InputError, match=r"fid\.pt2: FID network"):
+        M.fid(x, x, weights_path="/nonexistent/fid.pt2")
+    with pytest.raises(InputError, match=r"lpips\.pt: LPIPS network"):
+        M.lpips(x, x, weights_path="/nonexistent/lpips.pt")
+
+
 # --- masks as stored ------------------------------------------------------------------------
 
 
@@ -141,8 +218,12 @@ def test_metrics_of_nothing_are_nan_without_warnings():
     lesion_only = np.ones((1, 2, 2), bool)
     image = np.full((2, 1, 16, 16), 0.5, np.float32)
     no_brain = np.zeros((2, 16, 16), bool)
+    scores = np.linspace(0, 1, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        for one_class in (np.zeros(4, bool), np.ones(4, bool)):
+            assert math.isnan(M.auroc(scores, one_class))
+        assert math.isnan(M.auprc(scores, np.zeros(4, bool)))
         assert math.isnan(M.false_positive_rate(lesion_only, lesion_only, lesion_only))
         none = M.reconstruction_quality(image, image, no_brain, np.zeros(2, bool))
         assert all(math.isnan(v) for v in none.values())
