@@ -350,8 +350,16 @@ def test_feature_metrics_with_saved_networks(tmp_path):
             return torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3))], dim=1)
 
     class Distance(torch.nn.Module):
+        """Mean absolute difference behind an identity 1x1 convolution (float32 weights)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            torch.nn.init.ones_(self.conv.weight)
+            torch.nn.init.zeros_(self.conv.bias)
+
         def forward(self, a, b):
-            return (a - b).abs().mean(dim=(1, 2, 3))
+            return (self.conv(a) - self.conv(b)).abs().mean(dim=(1, 2, 3))
 
     batch = torch.export.Dim("batch")
     exported = torch.export.export(
@@ -368,4 +376,4 @@ def test_feature_metrics_with_saved_networks(tmp_path):
     got = M.fid(a, b, weights_path=tmp_path / "fid.pt2")
     assert got["skipped"] is None and got["value"] == pytest.approx(want, rel=1e-4)
     lp = M.lpips(a, b, weights_path=tmp_path / "lpips.pt")
-    assert lp["value"] == pytest.approx(np.abs(a - b).mean(), rel=1e-5)
+    assert lp == {"value": pytest.approx(np.abs(a - b).mean(), rel=1e-5), "skipped": None}

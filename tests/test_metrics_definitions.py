@@ -201,6 +201,27 @@ def test_feature_metrics_name_themselves():
         M.lpips(x, x, weights_path="/nonexistent/lpips.pt")
 
 
+def test_frechet_distance_regularises_a_singular_product_as_pytorch_fid(monkeypatch):
+    """When the square root of Σ1Σ2 is not finite, 1e-6 is added to both diagonals."""
+    s1 = np.array([[2.0, 0.3], [0.3, 1.0]])
+    s2 = np.array([[1.0, -0.2], [-0.2, 0.5]])
+    mu1, mu2 = np.array([1.0, 0.0]), np.array([0.0, 2.0])
+    sqrtm = M.linalg.sqrtm
+    seen = []
+
+    def first_not_finite(a):
+        seen.append(a)
+        return np.full_like(a, np.nan) if len(seen) == 1 else sqrtm(a)
+
+    monkeypatch.setattr(M.linalg, "sqrtm", first_not_finite)
+    got = M.frechet_distance(mu1, s1, mu2, s2)
+    eps = 1e-6 * np.eye(2)
+    assert len(seen) == 2 and np.array_equal(seen[1], (s1 + eps) @ (s2 + eps))
+    covmean = np.real(sqrtm((s1 + eps) @ (s2 + eps)))
+    want = 1.0 + 4.0 + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
 # --- masks as stored ------------------------------------------------------------------------
 
 
