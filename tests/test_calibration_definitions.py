@@ -48,9 +48,13 @@ def test_healthy_fpr_reached_exactly_when_the_data_allow():
     amap, mask = _slice(np.arange(10))
     assert threshold_at_healthy_fpr([amap], [mask], 0.3) == (6.0, 10)
     assert threshold_at_mean_slice_fpr([amap], [mask], 0.3) == (6.0, 10)
-    # fewer than one voxel's worth: nothing flagged, the maximum
-    assert threshold_at_healthy_fpr([amap], [mask], 0.05) == (9.0, 10)
-    assert threshold_at_mean_slice_fpr([amap], [mask], 0.05) == (9.0, 10)
+    # fewer than one voxel's worth: nothing flagged, the maximum; 5 % is the default
+    assert threshold_at_healthy_fpr([amap], [mask]) == (9.0, 10)
+    assert threshold_at_mean_slice_fpr([amap], [mask]) == (9.0, 10)
+    # 100 values: the default 5 % flags 5
+    amap, mask = _slice(np.arange(100))
+    assert threshold_at_healthy_fpr([amap], [mask]) == (94.0, 100)
+    assert threshold_at_mean_slice_fpr([amap], [mask]) == (94.0, 100)
 
 
 @pytest.mark.parametrize("fpr", [0.0, 1.0, -0.1])
@@ -64,9 +68,9 @@ def test_fpr_must_be_a_fraction_strictly_between_0_and_1(fpr):
 def test_empty_or_mismatched_regions_are_refused():
     amap, mask = _slice(np.arange(10))
     for threshold in (threshold_at_healthy_fpr, threshold_at_mean_slice_fpr):
-        with pytest.raises(InputError, match=r"no .*voxels"):
+        with pytest.raises(InputError, match=r"^healthy FPR calibration: no .*voxels in the"):
             threshold([amap], [np.zeros_like(mask)], 0.05)
-        with pytest.raises(InputError, match=r"no .*voxels"):
+        with pytest.raises(InputError, match=r"^healthy FPR calibration: no .*voxels in the"):
             threshold([], [], 0.05)
         with pytest.raises(ValueError, match="2 maps but 1 brain masks"):
             threshold([amap, amap], [mask], 0.05)
@@ -79,7 +83,12 @@ def test_non_finite_values_in_the_region_stop_calibration():
     values[[2, 5]] = [np.nan, np.inf]
     amap, mask = _slice(values)
     for threshold in (threshold_at_healthy_fpr, threshold_at_mean_slice_fpr):
-        with pytest.raises(InputError, match="healthy validation maps: 2 of 10 values are NaN"):
+        with pytest.raises(
+            InputError,
+            match=r"^healthy FPR calibration: the healthy validation maps: 2 of 10 values are "
+            r"NaN or infinite; anomaly maps must be finite \(rescore with a method that "
+            r"produces finite maps\)$",
+        ):
             threshold([amap], [mask], 0.05)
     amap[0, 0, -1] = np.nan  # outside the region: never seen
     check_finite_values(amap[mask.astype(bool)][:2], "x")
@@ -105,9 +114,57 @@ def test_mean_slice_fpr_weighs_slices_not_voxels():
     assert threshold_at_healthy_fpr([amap], [mask], 0.0625)[0] == 24.0
     assert flagged_fraction([amap], [mask], 2.0, "per_slice_mean") == pytest.approx(0.625)
     assert flagged_fraction([amap], [mask], 2.0, "voxels") == pytest.approx(17 / 20)
+    assert flagged_fraction([amap], [mask], 2.0) == pytest.approx(17 / 20)  # the default
     empty = [np.zeros_like(mask)]
-    assert math.isnan(flagged_fraction([amap], empty, 2.0, "voxels"))
-    assert math.isnan(flagged_fraction([amap], empty, 2.0, "per_slice_mean"))
+    for pooling in ("voxels", "per_slice_mean"):
+        assert math.isnan(flagged_fraction([amap], empty, 2.0, pooling))
+        assert math.isnan(flagged_fraction([], [], 2.0, pooling))
+        with pytest.raises(ValueError, match="zip"):
+            flagged_fraction([amap, amap], [mask], 2.0, pooling)
+    # a calibration record follows its pooling: 6.25 % per slice is 23, of voxels 24
+    for pooling, threshold, achieved in (("per_slice_mean", 23.0, 0.0625), ("voxels", 24.0, 0.05)):
+        rec = calibrate(
+            "healthy_fpr",
+            maps=[amap],
+            brainmasks=[mask],
+            subjects=["h"],
+            dataset="ixi",
+            postprocess=CFG,
+            splits=["val"],
+            scores_files=["h.h5"],
+            target_fpr=0.0625,
+            fpr_pooling=pooling,
+        )
+        assert rec["threshold"] == threshold and rec["achieved_fpr_val"] == achieved
+        assert rec["fpr_denominator"] == {"region": "brain", "pooling": pooling}
+
+
+def test_a_slice_of_one_voxel_is_a_slice():
+    # slice A: one voxel (0); slice B: 4 voxels 10..13. Mean per-slice FPR of > 12: 1/8;
+    # of > 0: 1/2 (B all flagged, A not); of > -1: 1.
+    amap = np.zeros((2, 2, 2))
+    mask = np.zeros((2, 2, 2), bool)
+    mask[0, 0, 0] = True
+    amap[1] = [[10, 11], [12, 13]]
+    mask[1] = True
+    assert threshold_at_mean_slice_fpr([amap], [mask], 0.125)[0] == 12.0
+    assert threshold_at_mean_slice_fpr([amap], [mask], 0.5)[0] == 0.0
+    assert flagged_fraction([amap], [mask], 12.0, "per_slice_mean") == 0.125
+
+
+def test_masks_as_stored_uint8_0_255():
+    rng = np.random.default_rng(5)
+    maps = [rng.random((3, 6, 6)), rng.random((2, 6, 6))]
+    masks = [rng.random((3, 6, 6)) < 0.5, rng.random((2, 6, 6)) < 0.7]
+    stored = [m.astype(np.uint8) * 255 for m in masks]
+    segs = [rng.random(m.shape) < 0.2 for m in maps]
+    for threshold in (threshold_at_healthy_fpr, threshold_at_mean_slice_fpr):
+        assert threshold(maps, stored, 0.1) == threshold(maps, masks, 0.1)
+    for pooling in ("voxels", "per_slice_mean"):
+        assert flagged_fraction(maps, stored, 0.5, pooling) == flagged_fraction(
+            maps, masks, 0.5, pooling
+        )
+    assert threshold_best_dice(maps, segs, stored) == threshold_best_dice(maps, segs, masks)
 
 
 def test_mean_slice_fpr_ties_never_flag_more():
@@ -135,10 +192,31 @@ def test_best_dice_counts_every_positive_label_value_as_lesion():
     ):
         threshold, best, _ = threshold_best_dice([amap], [seg_map], [mask], **kw)
         assert (best, threshold) == want
-    with pytest.raises(InputError, match="best-Dice calibration: the validation maps: 1 of 6"):
+    with pytest.raises(InputError, match=r"^best-Dice calibration: the validation maps: 1 of 6"):
         bad = amap.copy()
         bad[0, 0, 0] = np.nan
         threshold_best_dice([bad], [seg_map], [mask])
+    with pytest.raises(
+        InputError, match=r"^best-Dice calibration: no lesion voxels inside the brain masks$"
+    ):
+        threshold_best_dice([amap], [np.zeros_like(seg_map)], [mask])
+    with pytest.raises(ValueError, match=r"^2 maps but 1 brain masks$"):
+        threshold_best_dice([amap, amap], [seg_map], [mask])
+    with pytest.raises(ValueError, match=r"^2 segs but 1 brain masks$"):
+        threshold_best_dice([amap], [seg_map, seg_map], [mask])
+    with pytest.raises(ValueError, match=r"^segs of shape \(1, 1, 6\) with brain mask"):
+        threshold_best_dice([amap], [seg_map[..., :6]], [mask])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in nextafter:RuntimeWarning")
+def test_a_threshold_that_is_not_finite_is_refused():
+    # flagging everything is best, and "just below" the smallest float64 is -inf
+    low = np.finfo(np.float64).min
+    amap, mask = _slice([low, 1.0])
+    with pytest.raises(
+        InputError, match=r"^best_dice_val calibration on \['v\.h5'\]: threshold -inf"
+    ):
+        _record(maps=[amap], brainmasks=[mask], segs=[mask])
 
 
 # --- the record -----------------------------------------------------------------------------
@@ -167,8 +245,11 @@ def test_best_dice_record_holds_its_search():
     assert exact["n_candidates"] is None and exact["search"] == "exact"
     assert "bisection_steps" not in exact and "fpr_denominator" not in exact
     assert exact["evaluation"] == {"mode": "brain_mask"}
-    coarse = _record(n_candidates=3)
-    assert coarse["n_candidates"] == 3
+    # two candidates, the lower 0 and 100 % quantiles 0.1 and 0.95: > 0.1 is the better,
+    # 2 * 3 / (5 + 3)
+    coarse = _record(n_candidates=2)
+    assert coarse["n_candidates"] == 2
+    assert coarse["threshold"] == 0.1 and coarse["pooled_dice_val"] == 0.75
     bisection = _record(search="bisection")
     assert bisection["search"] == "bisection" and bisection["bisection_steps"] == BISECTION_STEPS
     assert (
@@ -199,8 +280,10 @@ def test_calibrate_refuses_what_it_cannot_record():
         _record(subjects=["a", "b"])
     with pytest.raises(ValueError, match="2 splits for 1 files"):
         _record(splits=["val", "val"])
-    with pytest.raises(ValueError, match="needs segs"):
+    with pytest.raises(ValueError, match=r"^best_dice_val calibration needs segs$"):
         _record(segs=None)
+    with pytest.raises(ValueError, match=r"^healthy_fpr calibration needs target_fpr$"):
+        _record("healthy_fpr", segs=None)
     with pytest.raises(ValueError, match=r"expected region in .*'skull'"):
         _record("healthy_fpr", target_fpr=0.05, fpr_region="skull")
     with pytest.raises(ValueError, match=r"pooling in .*'median'"):
@@ -213,7 +296,7 @@ def test_calibrate_refuses_what_it_cannot_record():
 
 
 def test_protocol_name_needs_its_setting():
-    with pytest.raises(ValueError, match="healthy_fpr needs target_fpr"):
+    with pytest.raises(ValueError, match=r"^healthy_fpr needs target_fpr$"):
         protocol_name("healthy_fpr")
     with pytest.raises(ValueError, match=r"protocol: expected .*'oracle'"):
         protocol_name("oracle")
@@ -223,5 +306,9 @@ def test_threshold_values_refuse_what_is_not_a_finite_number():
     assert threshold_entries({"a": 0.1}) == {"a": 0.1}
     assert threshold_entries({"thresholds": {"a": {"threshold": 2}}}) == {"a": {"threshold": 2}}
     for bad in ("high", None, float("nan"), float("inf"), [0.1]):
-        with pytest.raises(InputError, match=r"threshold 'a' is .*expected a finite number"):
+        with pytest.raises(
+            InputError,
+            match=r"threshold 'a' is .*expected a finite number; recalibrate \(delete the "
+            r"threshold\.json it came from and rerun snakemake\)$",
+        ):
             threshold_values({"thresholds": {"a": {"threshold": bad}}})
