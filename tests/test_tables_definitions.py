@@ -467,7 +467,7 @@ def test_main_table_orders_and_names_methods_and_datasets():
     with pytest.raises(InputError, match=r"^render_main_table: main_metrics is empty$"):
         render_main_table(summary, DICE, main_metrics=[])
     metric = render_metric_table(summary, "dice", DICE, method_names={"b": "Method B"})["md"]
-    assert "| Method B | **12.5 ± 1.0** | **50.0 ± 1.0** |" in metric
+    assert "| Method B | **50.0 ± 1.0** | **12.5 ± 1.0** |" in metric
 
 
 def test_write_tables_passes_order_names_datasets_and_note(tmp_path):
