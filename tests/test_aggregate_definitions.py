@@ -177,3 +177,79 @@ def test_threshold_for_a_missing_protocol_is_an_error(tmp_path):
     assert aggregate._threshold(path, "brats", "healthy_fpr_5") == 0.25
     with pytest.raises(InputError, match=r"t.json: no threshold for protocol 'healthy_fpr_1'"):
         aggregate._threshold(path, "brats", "healthy_fpr_1")
+
+
+def test_build_figures_draws_fold_figure_fold_of_the_lesion_cohorts(cohort, tmp_path, monkeypatch):
+    """Box plots: every fold, lesion cohorts only; PR curves and examples: ``figure_fold``;
+    training curves: every log; each figure to its own outputs, methods in study order."""
+    slice_path, paths, _ = cohort
+    drawn = {}
+    for name in (
+        "plot_subject_dice_boxplots",
+        "plot_precision_recall",
+        "plot_qualitative_grid",
+        "plot_training_curves",
+    ):
+        monkeypatch.setattr(
+            aggregate, name, lambda *a, _name=name, **k: drawn.__setitem__(_name, (a, k))
+        )
+    metric_paths, logs = {}, {}
+    for method in ("n", "m"):
+        for fold in (0, 1):
+            for dataset, dice in (("toy", 0.5 + fold / 10), ("ixi", np.nan)):
+                path = tmp_path / f"{method}{fold}{dataset}.csv"
+                pd.DataFrame(
+                    {"subject": ["s0"], "has_lesion": [dataset == "toy"], "dice@p": [dice]}
+                ).to_csv(path, index=False)
+                metric_paths[(method, fold, dataset)] = path
+            logs[(method, fold)] = tmp_path / f"{method}{fold}.log.csv"
+            pd.DataFrame({"step": [1, 2], "train_loss": [1.0, 0.5 + fold]}).to_csv(
+                logs[(method, fold)], index=False
+            )
+    threshold = tmp_path / "threshold.json"
+    threshold.write_text(json.dumps({"thresholds": {"p": {"threshold": 0.9}}}))
+    # fold 0 scored the healthy subject only (no PR curve), fold 1 every subject
+    test_scores = {
+        (m, f, "toy"): paths["all" if f == 1 else "healthy"] for m in ("n", "m") for f in (0, 1)
+    }
+    outputs = {
+        name: (tmp_path / f"{name}.png", tmp_path / f"{name}.pdf")
+        for name in ("dice_boxplot", "pr_curves", "qualitative", "training_curves")
+    }
+    cfg = PostprocessConfig(erode_iterations=1, median_kernel=3, min_component_voxels=0)
+    aggregate.build_figures(
+        metric_paths=metric_paths,
+        train_logs=logs,
+        test_scores=test_scores,
+        slices={"toy": slice_path},
+        thresholds={(m, f): threshold for m in ("n", "m") for f in (0, 1)},
+        outputs=outputs,
+        lesion_datasets=["toy"],
+        methods=["n", "m"],
+        default_protocol="p",
+        postprocess={"n": cfg, "m": cfg},
+        examples_per_dataset=1,
+        figure_fold=1,
+    )
+    (long, metric, *files), kwargs = drawn["plot_subject_dice_boxplots"]
+    assert metric == "dice@p" and files == list(outputs["dice_boxplot"])
+    assert set(long["dataset"]) == {"toy"} and sorted(set(long["fold"])) == [0, 1]
+    assert kwargs == {"ylabel": "Dice (p)", "method_order": ["n", "m"], "dataset_order": ["toy"]}
+
+    (curves, *files), kwargs = drawn["plot_precision_recall"]
+    assert files == list(outputs["pr_curves"]) and list(curves) == [("n", "toy"), ("m", "toy")]
+    want = aggregate.pooled_pr_curve(slice_path, paths["all"], cfg)
+    for curve in curves.values():
+        for got, expected in zip(curve, want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    assert kwargs == {"method_order": ["n", "m"], "dataset_order": ["toy"]}
+
+    (examples, *files), kwargs = drawn["plot_qualitative_grid"]
+    assert files == list(outputs["qualitative"]) and not kwargs
+    assert [(e["dataset"], e["method"]) for e in examples] == [("toy", "n"), ("toy", "m")]
+    assert all(e["ground_truth"].sum() == 16 for e in examples)  # a slice of the lesion
+
+    (read_logs, *files), kwargs = drawn["plot_training_curves"]
+    assert files == list(outputs["training_curves"]) and kwargs == {"method_order": ["n", "m"]}
+    assert list(read_logs) == list(logs)
+    assert read_logs[("m", 1)]["train_loss"].tolist() == [1.0, 1.5]
