@@ -504,3 +504,9 @@ def test_write_tables_passes_order_names_datasets_and_note(tmp_path):
         write_tables(summary.drop(columns="n_subjects"), tmp_path, ["dice"], DICE)
     with pytest.raises(InputError, match=r"^write_tables: no metrics given$"):
         write_tables(summary, tmp_path, [], DICE)
+
+
+def test_a_summary_needs_one_count_column_for_its_csv():
+    summary = _summary({("a", "d", "dice"): 0.5}).drop(columns="n_subjects")
+    with pytest.raises(InputError, match=r"^summary: expected exactly one count column"):
+        render_metric_table(summary, "dice", DICE)
