@@ -180,7 +180,12 @@ def run_module(
         for name in ("src", "tests"):
             (work / name).symlink_to(root / name)
         (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
-        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
+        subprocess.run(
+            [mutmut, "run", "--max-children", str(max_children)],
+            cwd=work,
+            check=True,
+            env=mutmut_env(),
+        )
     status = mutant_status(work, module)
     counts = Counter(status.values())
     survivors = sorted(name for name, st in status.items() if st in ("survived", "no tests"))
@@ -195,6 +200,14 @@ def run_module(
         total=len(status),
         equivalent=len(equivalents.intersection(survivors)),
     )
+
+
+def mutmut_env() -> dict[str, str]:
+    """The environment of ``mutmut run``: one OpenMP thread. mutmut forks each mutant's run
+    from the process that ran the tests once; a child forked after torch has started its
+    OpenMP thread pool can wait forever on a lock of that pool (seen with the metrics'
+    feature-network tests), so the pool is never started."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def mutant_status(work: Path, module: str) -> dict[str, str]:
