@@ -6,6 +6,7 @@ bookkeeping columns never get a table."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,8 @@ import pytest
 from brainuad.errors import InputError
 from brainuad.evaluation import aggregate
 from brainuad.evaluation.aggregate import (
+    build_tables,
+    largest_lesion_slices,
     lesion_prevalence,
     pooled_pr_curve,
     prevalence_note,
@@ -253,3 +256,206 @@ def test_build_figures_draws_fold_figure_fold_of_the_lesion_cohorts(cohort, tmp_
     assert files == list(outputs["training_curves"]) and kwargs == {"method_order": ["n", "m"]}
     assert list(read_logs) == list(logs)
     assert read_logs[("m", 1)]["train_loss"].tolist() == [1.0, 1.5]
+
+
+def _metrics_file(path, rows):
+    """Per-subject metrics: rows of (dice, lesion voxels, region voxels)."""
+    pd.DataFrame(
+        {
+            "subject": [f"s{i}" for i in range(len(rows))],
+            "has_lesion": [lesion > 0 for _, lesion, _ in rows],
+            "dice@p": [dice for dice, _, _ in rows],
+            "true_volume_voxels": [lesion for _, lesion, _ in rows],
+            "region_voxels": [region for _, _, region in rows],
+        }
+    ).to_csv(path, index=False)
+    return path
+
+
+def test_build_tables_orders_names_and_notes_every_table(tmp_path):
+    """Methods and datasets in study order in every table (not file order); the main table
+    and the slice-level tables show the lesion cohorts only; both notes under the main table;
+    every file written is returned; a rerun into the same folders works."""
+    metric_paths, summary_paths = {}, {}
+    # method a's evaluated region is larger than b's: prevalences 2.00 % and 2.50 %
+    for method, region in (("a", 1000), ("b", 800)):
+        for dataset, rows in (
+            ("ixi", [(math.nan, 0, region)]),
+            ("atlas", [(0.25, 20, region)]),
+            ("brats", [(0.5 if method == "a" else 0.75, 20, region)]),
+        ):
+            key = (method, 0, dataset)
+            metric_paths[key] = _metrics_file(tmp_path / f"{method}_{dataset}.csv", rows)
+            summary_paths[key] = tmp_path / f"{method}_{dataset}.json"
+            summary_paths[key].write_text(
+                json.dumps(
+                    {"slice_level": {"slice_auroc": 0.75, "slice_auprc": 0.5, "n_slices": 9}}
+                )
+            )
+    kwargs = {
+        "metric_paths": metric_paths,
+        "by_metric_dir": tmp_path / "by_metric",
+        "main_dir": tmp_path / "main",
+        "default_protocol": "p",
+        "method_order": ["b", "a"],
+        "dataset_order": ["brats", "atlas", "ixi"],
+        "lesion_datasets": ["brats", "atlas"],
+        "prevalence_path": tmp_path / "prevalence.csv",
+        "summary_paths": summary_paths,
+    }
+    (tmp_path / "main").mkdir()
+    _, paths = build_tables(**kwargs)
+    by_metric = tmp_path / "by_metric"
+    assert sorted(str(p.relative_to(tmp_path)) for p in paths) == sorted(
+        [
+            f"by_metric/{stem}.{ext}"
+            for stem in ("dice_at_p", "slice_auroc", "slice_auprc")
+            for ext in ("csv", "md", "tex")
+        ]
+        + [f"main/main.{ext}" for ext in ("csv", "md", "tex")]
+        + ["prevalence.csv"]
+    )
+    dice = (by_metric / "dice_at_p.md").read_text().splitlines()
+    assert dice[2] == "| Method (Dice [%]) | brats | atlas | ixi |"
+    assert [line.split("|")[1].strip() for line in dice[4:]] == ["b", "a"]
+    for name in ("slice_auroc", "slice_auprc"):
+        table = (by_metric / f"{name}.md").read_text().splitlines()
+        assert table[2].endswith("| brats | atlas |")  # no healthy cohort
+        assert [line.split("|")[1].strip() for line in table[4:]] == ["b", "a"]
+    main = (tmp_path / "main" / "main.md").read_text().splitlines()
+    assert main[2] == "| Method | brats Dice [%] (p) | atlas Dice [%] (p) |"
+    assert [line.split("|")[1].strip() for line in main[4:6]] == ["b", "a"]
+    assert main[-1] == (
+        "Evaluation: eroded brain mask of the slice file's slices. Lesion prevalence (lesion "
+        "fraction of the evaluated voxels of the test subjects, the AUPRC of a random score): "
+        "brats 2.50 % (b), 2.00 % (a); atlas 2.50 % (b), 2.00 % (a)."
+    )
+    assert pd.read_csv(tmp_path / "prevalence.csv").columns.tolist() == [
+        "dataset",
+        "method",
+        "lesion_prevalence",
+    ]
+    assert build_tables(**kwargs)[1] == paths  # into the folders of the first run
+
+
+def test_summaries_without_an_evaluation_record_are_brain_mask_mode(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"slice_level": {}}))
+    new.write_text(json.dumps({"slice_level": {}, "evaluation": {"mode": "brain_mask"}}))
+    note = aggregate.evaluation_note({("a", 0, "d"): old, ("b", 0, "d"): new})
+    assert note == "Evaluation: eroded brain mask of the slice file's slices."
+    assert aggregate.evaluation_note({}) is None
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for read in (aggregate.evaluation_note, slice_level_fold_values):
+        with pytest.raises(InputError, match=r"metrics summary \(JSON\)"):
+            read({("a", 0, "d"): broken})
+
+
+def test_thresholds_of_qualitative_examples_are_the_datasets_own(cohort, tmp_path):
+    """A best-Dice threshold applies to the dataset it was chosen on only."""
+    _, _, _ = cohort
+    path = tmp_path / "threshold.json"
+    entries = {"best_dice_val/toy": {"threshold": 0.25}, "best_dice_val/other": {"threshold": 9}}
+    path.write_text(json.dumps({"thresholds": entries}))
+    assert aggregate._threshold(path, "toy", "best_dice_val") == 0.25
+    assert aggregate._threshold(path, "other", "best_dice_val") == 9.0
+    with pytest.raises(InputError, match=r"threshold file"):
+        aggregate._threshold(tmp_path / "missing.json", "toy", "best_dice_val")
+
+
+def test_pooled_pr_curve_of_a_split_without_subjects_is_none(cohort, monkeypatch):
+    slice_path, paths, _ = cohort
+    monkeypatch.setattr(aggregate, "iter_subject_volumes", lambda *a, **k: iter(()))
+    assert pooled_pr_curve(slice_path, paths["all"], PostprocessConfig()) is None
+
+
+@pytest.fixture
+def reconstructed(tmp_path):
+    """Four subjects of 3 slices; s2 has the largest lesion slice (area 9) but only method m2
+    scored it; every map comes with a reconstruction."""
+    slice_path = tmp_path / "rec.h5"
+    areas = {"s0": [0, 4, 0], "s1": [1, 0, 0], "s2": [0, 0, 9], "s3": [0, 0, 0]}
+    with SliceWriter(slice_path, sequences=["t2"], height=H, width=W) as writer:
+        for subject, per_slice in areas.items():
+            brain = np.zeros((3, H, W), np.uint8)
+            brain[:, 2:14, 2:14] = 1
+            seg = np.zeros_like(brain)
+            for s, area in enumerate(per_slice):
+                side = int(np.sqrt(area))
+                seg[s, 4 : 4 + side, 4 : 4 + side] = 1
+            images = np.full((3, 1, H, W), 0.5, np.float32)
+            writer.append_subject(subject, images, brain, seg, np.arange(3))
+    slices = SliceFile(slice_path)
+    data = slices.read(np.arange(12))
+    scores = {}
+    for method, subjects in (
+        ("m1", ["s0", "s1", "s3"]),
+        ("m2", ["s0", "s1", "s2", "s3"]),
+        ("single", ["s1", "s3"]),
+    ):
+        rows = slices.rows_for_subjects(subjects)
+        amap = data["seg"][rows].astype(np.float32)
+        reconstruction = np.full((rows.size, 1, H, W), 0.25, np.float32)
+        scores[method] = tmp_path / f"{method}.h5"
+        attrs = {"method": method, "fold": 0, "dataset": "toy", "split": "test"}
+        with ScoresWriter(
+            scores[method], rows=rows, height=H, width=W, channels=1, attrs=attrs
+        ) as writer:
+            writer.write(amap, reconstruction)
+    slices.close()
+    return slice_path, scores
+
+
+def test_qualitative_examples_follow_the_first_method_and_show_reconstructions(
+    reconstructed, tmp_path
+):
+    slice_path, scores = reconstructed
+    assert largest_lesion_slices(slice_path, scores["m1"], 5) == [("s0", 1), ("s1", 0)]
+    threshold = tmp_path / "threshold.json"
+    threshold.write_text(
+        json.dumps(
+            {
+                "thresholds": {
+                    "best_dice_val/toy": {"threshold": 0.5},
+                    "best_dice_val/x": {"threshold": 2},
+                }
+            }
+        )
+    )
+    cfg = PostprocessConfig(erode_iterations=0, median_kernel=1, min_component_voxels=0)
+    examples = aggregate.qualitative_examples(
+        dataset="toy",
+        methods=["m1", "m2"],
+        slice_path=slice_path,
+        scores_paths=scores,
+        threshold_paths={"m1": threshold, "m2": threshold},
+        protocol="best_dice_val",
+        postprocess={"m1": cfg, "m2": cfg},
+        n_examples=1,
+    )
+    # chosen on m1's rows: s0's slice 1 (area 4), not m2's s2 (area 9)
+    assert [(e["method"], int(e["ground_truth"].sum())) for e in examples] == [
+        ("m1", 4),
+        ("m2", 4),
+    ]
+    brain = np.zeros((H, W), np.float32)
+    brain[2:14, 2:14] = 1
+    for example in examples:
+        assert set(example) == {
+            "dataset",
+            "method",
+            "input",
+            "reconstruction",
+            "anomaly_map",
+            "thresholded",
+            "ground_truth",
+        }
+        np.testing.assert_array_equal(example["input"], np.full((H, W), 0.5, np.float32))
+        np.testing.assert_array_equal(example["reconstruction"], 0.25 * brain)
+        np.testing.assert_array_equal(example["thresholded"], example["ground_truth"])
+
+
+def test_largest_lesion_slices_of_a_single_lesion_slice(reconstructed):
+    slice_path, scores = reconstructed
+    assert largest_lesion_slices(slice_path, scores["single"], 3) == [("s1", 0)]
