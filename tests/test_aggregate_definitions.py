@@ -23,6 +23,7 @@ from brainuad.evaluation.aggregate import (
     slice_level_fold_values,
     tabulated_metrics,
 )
+from brainuad.evaluation.grid import EvaluationConfig
 from brainuad.evaluation.postprocess import PostprocessConfig, erode_brainmask, postprocess_map
 from brainuad.evaluation.tables import collect_metrics
 from brainuad.io.scores import ScoresWriter
@@ -182,11 +183,12 @@ def test_threshold_for_a_missing_protocol_is_an_error(tmp_path):
         aggregate._threshold(path, "brats", "healthy_fpr_1")
 
 
-def test_build_figures_draws_fold_figure_fold_of_the_lesion_cohorts(cohort, tmp_path, monkeypatch):
-    """Box plots: every fold, lesion cohorts only; PR curves and examples: ``figure_fold``;
-    training curves: every log; each figure to its own outputs, methods in study order."""
+def test_build_figures_draws_fold_0_of_the_lesion_cohorts(cohort, tmp_path, monkeypatch):
+    """Box plots: every fold, lesion cohorts only; PR curves and examples (two per dataset by
+    default): fold 0 by default, in the evaluation mode given; training curves: every log;
+    each figure to its own outputs, methods in study order."""
     slice_path, paths, _ = cohort
-    drawn = {}
+    drawn, modes = {}, []
     for name in (
         "plot_subject_dice_boxplots",
         "plot_precision_recall",
@@ -196,13 +198,21 @@ def test_build_figures_draws_fold_figure_fold_of_the_lesion_cohorts(cohort, tmp_
         monkeypatch.setattr(
             aggregate, name, lambda *a, _name=name, **k: drawn.__setitem__(_name, (a, k))
         )
+    real_curve = aggregate.pooled_pr_curve
+
+    def curve(slice_file, scores, cfg, evaluation=None):
+        modes.append(evaluation)
+        return real_curve(slice_file, scores, cfg, evaluation)
+
+    monkeypatch.setattr(aggregate, "pooled_pr_curve", curve)
+    lesion_datasets = ["toy", "toy2"]  # two cohorts on the same slice file
     metric_paths, logs = {}, {}
     for method in ("n", "m"):
         for fold in (0, 1):
-            for dataset, dice in (("toy", 0.5 + fold / 10), ("ixi", np.nan)):
+            for dataset, dice in (("toy", 0.5), ("toy2", 0.25 + fold / 10), ("ixi", np.nan)):
                 path = tmp_path / f"{method}{fold}{dataset}.csv"
                 pd.DataFrame(
-                    {"subject": ["s0"], "has_lesion": [dataset == "toy"], "dice@p": [dice]}
+                    {"subject": ["s0"], "has_lesion": [dataset != "ixi"], "dice@p": [dice]}
                 ).to_csv(path, index=False)
                 metric_paths[(method, fold, dataset)] = path
             logs[(method, fold)] = tmp_path / f"{method}{fold}.log.csv"
@@ -211,46 +221,57 @@ def test_build_figures_draws_fold_figure_fold_of_the_lesion_cohorts(cohort, tmp_
             )
     threshold = tmp_path / "threshold.json"
     threshold.write_text(json.dumps({"thresholds": {"p": {"threshold": 0.9}}}))
-    # fold 0 scored the healthy subject only (no PR curve), fold 1 every subject
+    # fold 0 scored every subject, fold 1 the healthy subject only (no PR curve, no example)
     test_scores = {
-        (m, f, "toy"): paths["all" if f == 1 else "healthy"] for m in ("n", "m") for f in (0, 1)
+        (m, f, d): paths["all" if f == 0 else "healthy"]
+        for m in ("n", "m")
+        for f in (0, 1)
+        for d in lesion_datasets
     }
     outputs = {
         name: (tmp_path / f"{name}.png", tmp_path / f"{name}.pdf")
         for name in ("dice_boxplot", "pr_curves", "qualitative", "training_curves")
     }
     cfg = PostprocessConfig(erode_iterations=1, median_kernel=3, min_component_voxels=0)
+    mode = EvaluationConfig()
     aggregate.build_figures(
         metric_paths=metric_paths,
         train_logs=logs,
         test_scores=test_scores,
-        slices={"toy": slice_path},
+        slices=dict.fromkeys(lesion_datasets, slice_path),
         thresholds={(m, f): threshold for m in ("n", "m") for f in (0, 1)},
         outputs=outputs,
-        lesion_datasets=["toy"],
+        lesion_datasets=lesion_datasets,
         methods=["n", "m"],
         default_protocol="p",
         postprocess={"n": cfg, "m": cfg},
-        examples_per_dataset=1,
-        figure_fold=1,
+        evaluation=mode,
     )
     (long, metric, *files), kwargs = drawn["plot_subject_dice_boxplots"]
     assert metric == "dice@p" and files == list(outputs["dice_boxplot"])
-    assert set(long["dataset"]) == {"toy"} and sorted(set(long["fold"])) == [0, 1]
-    assert kwargs == {"ylabel": "Dice (p)", "method_order": ["n", "m"], "dataset_order": ["toy"]}
+    assert set(long["dataset"]) == {"toy", "toy2"} and sorted(set(long["fold"])) == [0, 1]
+    assert kwargs == {
+        "ylabel": "Dice (p)",
+        "method_order": ["n", "m"],
+        "dataset_order": lesion_datasets,
+    }
 
     (curves, *files), kwargs = drawn["plot_precision_recall"]
-    assert files == list(outputs["pr_curves"]) and list(curves) == [("n", "toy"), ("m", "toy")]
-    want = aggregate.pooled_pr_curve(slice_path, paths["all"], cfg)
-    for curve in curves.values():
-        for got, expected in zip(curve, want, strict=True):
+    assert files == list(outputs["pr_curves"])
+    assert list(curves) == [("n", "toy"), ("m", "toy"), ("n", "toy2"), ("m", "toy2")]
+    assert len(modes) == 4 and all(m is mode for m in modes)
+    want = real_curve(slice_path, paths["all"], cfg)
+    for pr in curves.values():
+        for got, expected in zip(pr, want, strict=True):
             np.testing.assert_array_equal(got, expected)
-    assert kwargs == {"method_order": ["n", "m"], "dataset_order": ["toy"]}
+    assert kwargs == {"method_order": ["n", "m"], "dataset_order": lesion_datasets}
 
     (examples, *files), kwargs = drawn["plot_qualitative_grid"]
     assert files == list(outputs["qualitative"]) and not kwargs
-    assert [(e["dataset"], e["method"]) for e in examples] == [("toy", "n"), ("toy", "m")]
-    assert all(e["ground_truth"].sum() == 16 for e in examples)  # a slice of the lesion
+    assert [(e["dataset"], e["method"]) for e in examples] == [
+        (d, m) for d in lesion_datasets for m in ("n", "m") for _ in range(2)
+    ]
+    assert all(e["ground_truth"].sum() == 16 for e in examples)  # slices of the lesion
 
     (read_logs, *files), kwargs = drawn["plot_training_curves"]
     assert files == list(outputs["training_curves"]) and kwargs == {"method_order": ["n", "m"]}
@@ -330,11 +351,14 @@ def test_build_tables_orders_names_and_notes_every_table(tmp_path):
         "fraction of the evaluated voxels of the test subjects, the AUPRC of a random score): "
         "brats 2.50 % (b), 2.00 % (a); atlas 2.50 % (b), 2.00 % (a)."
     )
-    assert pd.read_csv(tmp_path / "prevalence.csv").columns.tolist() == [
-        "dataset",
-        "method",
-        "lesion_prevalence",
+    prevalence = pd.read_csv(tmp_path / "prevalence.csv")
+    assert prevalence.columns.tolist() == ["dataset", "method", "lesion_prevalence"]
+    # in order of first appearance in the metric files
+    assert list(zip(prevalence["dataset"], prevalence["method"], strict=True)) == [
+        (d, m) for d in ("ixi", "atlas", "brats") for m in ("a", "b")
     ]
+    note = prevalence_note(lesion_prevalence(collect_metrics(metric_paths)), ["x", "brats"], [])
+    assert note.endswith("score): brats 2.00 % (a), 2.50 % (b).")
     assert build_tables(**kwargs)[1] == paths  # into the folders of the first run
 
 
@@ -345,6 +369,23 @@ def test_summaries_without_an_evaluation_record_are_brain_mask_mode(tmp_path):
     note = aggregate.evaluation_note({("a", 0, "d"): old, ("b", 0, "d"): new})
     assert note == "Evaluation: eroded brain mask of the slice file's slices."
     assert aggregate.evaluation_note({}) is None
+    # the grid's spacing and the absent slices do not make another mode
+    grid = {"mode": "reference", "extent_mm": 100, "slice_spacing_mm": 2, "n_slices": 50}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps({"evaluation": {**grid, "spacing_mm": [1, 1], "absent_slices": 2}}))
+    two.write_text(json.dumps({"evaluation": {**grid, "spacing_mm": [2, 2], "absent_slices": 0}}))
+    assert aggregate.evaluation_note({1: one, 2: two}).startswith("Evaluation: reference grid")
+    modes = {}
+    for extent in (60, 80, 100, 120):
+        modes[extent] = tmp_path / f"grid{extent}.json"
+        modes[extent].write_text(json.dumps({"evaluation": {**grid, "extent_mm": extent}}))
+    with pytest.raises(InputError) as error:
+        aggregate.evaluation_note(modes)
+    listed = [str(modes[e]) for e in (60, 80, 100)]
+    assert str(error.value) == (
+        f"metrics summaries {listed} were made in different evaluation modes; rerun the "
+        "metrics of one study config"
+    )
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     for read in (aggregate.evaluation_note, slice_level_fold_values):
