@@ -101,7 +101,7 @@ def test_masks_are_read_as_nonzero_is_foreground():
     labels[1:3, 5:8, 3:6] = 2
     labels[2, 6, 6:9] = 4
     pred = np.zeros_like(labels)
-    pred[1:3, 3:7, 3:7] = 1
+    pred[1:3, 3:7, 3:7] = 3
     pred[0, 9, 9] = 1
     scores = rng.random(labels.shape) + (labels > 0)
     mask, binary = labels > 0, pred > 0
@@ -117,9 +117,13 @@ def test_masks_are_read_as_nonzero_is_foreground():
 
 
 def test_exact_ties_go_to_the_highest_threshold():
-    # positives {0, 3} among the values 0..3: > 2 flags {3}, Dice 2 * 1 / (1 + 2) = 2/3;
-    # > 1: 2/4; > 0: 2/5; just below 0 flags all, 2 * 2 / (4 + 2) = 2/3: a tie, and the
-    # higher threshold, 2, wins.
+    # positives {3, 6} among the values 1..6: > 5 flags {6}, Dice 2 * 1 / (1 + 2) = 2/3;
+    # > 2 flags {3, .., 6}, 2 * 2 / (4 + 2) = 2/3 too; every other threshold is lower
+    # (> 4: 2/4, > 3: 2/5, > 1: 4/7, below 1: 4/8). The tie goes to the higher, 5.
+    values = np.arange(1.0, 7.0)
+    labels = np.isin(values, [3, 6])
+    assert M.best_dice_threshold(values, labels) == (pytest.approx(2 / 3), 5.0)
+    # flagging everything ties with 2: the data value wins over "below the minimum"
     values = np.array([0.0, 1.0, 2.0, 3.0])
     labels = np.array([True, False, False, True])
     assert M.best_dice_threshold(values, labels) == (pytest.approx(2 / 3), 2.0)
@@ -279,7 +283,8 @@ def test_subject_metrics_are_the_definitions_on_uint8_masks():
     region[:, 2:14, 2:14] = 1
     lesion = np.zeros_like(region)
     lesion[2:5, 5:9, 5:9] = 1
-    lesion[0, 0, 0] = 1  # outside the region: ignored
+    lesion[3, 5:7, 5:9] = 2  # a label map: every nonzero label is lesion
+    lesion[0, 0, 0] = 4  # outside the region: ignored
     post = (rng.random(region.shape) * 0.8 + 0.5 * lesion).astype(np.float32) * region
     spacing = (3.0, 1.0, 0.5)
     row = M.subject_volume_metrics(
