@@ -389,7 +389,9 @@ def test_summaries_without_an_evaluation_record_are_brain_mask_mode(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     for read in (aggregate.evaluation_note, slice_level_fold_values):
-        with pytest.raises(InputError, match=r"metrics summary \(JSON\)"):
+        with pytest.raises(
+            InputError, match=r"broken\.json: not a readable metrics summary \(JSON\) "
+        ):
             read({("a", 0, "d"): broken})
 
 
