@@ -235,7 +235,7 @@ def test_false_positive_rate_reads_uint8_masks():
     gt = np.zeros_like(region)
     gt[0, 0, 0] = 1
     pred = np.zeros_like(region)
-    pred[0, 0, :3] = 1  # 1 lesion voxel, 2 false positives
+    pred[0, 0, :3] = 3  # 1 lesion voxel, 2 false positives; any nonzero value flags
     assert M.false_positive_rate(pred, gt, region) == pytest.approx(2 / 7)
 
 
