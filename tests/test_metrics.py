@@ -336,12 +336,30 @@ def test_feature_metrics_with_saved_networks(tmp_path):
     torch = pytest.importorskip("torch")
 
     class Features(torch.nn.Module):
+        """Mean and maximum behind an identity 1x1 convolution: float32 weights, as a real
+        feature network's, so the images must reach it as float32."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            torch.nn.init.ones_(self.conv.weight)
+            torch.nn.init.zeros_(self.conv.bias)
+
         def forward(self, x):
+            x = self.conv(x)
             return torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3))], dim=1)
 
     class Distance(torch.nn.Module):
+        """Mean absolute difference behind an identity 1x1 convolution (float32 weights)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            torch.nn.init.ones_(self.conv.weight)
+            torch.nn.init.zeros_(self.conv.bias)
+
         def forward(self, a, b):
-            return (a - b).abs().mean(dim=(1, 2, 3))
+            return (self.conv(a) - self.conv(b)).abs().mean(dim=(1, 2, 3))
 
     batch = torch.export.Dim("batch")
     exported = torch.export.export(
@@ -350,12 +368,12 @@ def test_feature_metrics_with_saved_networks(tmp_path):
     torch.export.save(exported, str(tmp_path / "fid.pt2"))
     torch.jit.script(Distance()).save(str(tmp_path / "lpips.pt"))
     rng = np.random.default_rng(7)
-    a = rng.random((20, 1, 8, 8)).astype(np.float32)
-    b = (rng.random((20, 1, 8, 8)) * 0.5).astype(np.float32)
+    a = rng.random((20, 1, 8, 8))  # float64 images: cast for the network
+    b = rng.random((20, 1, 8, 8)) * 0.5
     fa = np.stack([a.mean((1, 2, 3)), a.max((1, 2, 3))], 1).astype(np.float64)
     fb = np.stack([b.mean((1, 2, 3)), b.max((1, 2, 3))], 1).astype(np.float64)
     want = M.frechet_distance(fa.mean(0), np.cov(fa.T), fb.mean(0), np.cov(fb.T))
     got = M.fid(a, b, weights_path=tmp_path / "fid.pt2")
     assert got["skipped"] is None and got["value"] == pytest.approx(want, rel=1e-4)
     lp = M.lpips(a, b, weights_path=tmp_path / "lpips.pt")
-    assert lp["value"] == pytest.approx(np.abs(a - b).mean(), rel=1e-5)
+    assert lp == {"value": pytest.approx(np.abs(a - b).mean(), rel=1e-5), "skipped": None}

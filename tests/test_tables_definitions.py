@@ -14,11 +14,13 @@ import pytest
 from brainuad.errors import InputError
 from brainuad.evaluation.tables import (
     MetricInfo,
+    collect_metrics,
     describe_protocol,
     display_order,
     fold_means,
     infer_metric_info,
     latex_escape,
+    protocol_label,
     render_main_table,
     render_metric_table,
     summarise_over_folds,
@@ -300,3 +302,211 @@ def test_write_tables_refuses_before_writing(tmp_path):
         "main.md",
         "main.tex",
     ]
+
+
+# --- reading the per-subject metric files ----------------------------------------------------
+
+
+def test_collect_metrics_reads_ids_as_written_and_only_the_asked_metrics(tmp_path):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    # numeric subject ids and 0/1 lesion flags, as a spreadsheet would write them
+    pd.DataFrame(
+        {"subject": [7, 8], "has_lesion": [1, 0], "dice": [0.5, 1], "auprc": [1, 2]}
+    ).to_csv(first, index=False)
+    pd.DataFrame({"subject": [9], "has_lesion": [1], "dice": [0.25], "auprc": [3]}).to_csv(
+        second, index=False
+    )
+    paths = {("b", 1, "d"): first, ("a", "0", "e"): second}
+    long = collect_metrics(paths, metrics=["dice"])
+    assert list(long.columns) == [
+        "method",
+        "fold",
+        "dataset",
+        "subject",
+        "has_lesion",
+        "metric",
+        "value",
+    ]
+    assert list(long.index) == [0, 1, 2]
+    assert long.to_dict("list") == {
+        "method": ["b", "b", "a"],
+        "fold": [1, 1, 0],
+        "dataset": ["d", "d", "e"],
+        "subject": ["7", "8", "9"],
+        "has_lesion": [True, False, True],
+        "metric": ["dice", "dice", "dice"],
+        "value": [0.5, 1.0, 0.25],
+    }
+    assert long["has_lesion"].dtype == bool and long["value"].dtype == float
+    every = collect_metrics(paths)
+    assert sorted(set(every["metric"])) == ["auprc", "dice"] and len(every) == 6
+    assert list(every.index) == list(range(6))
+
+
+def test_collect_metrics_names_everything_missing(tmp_path):
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"subject": ["s"], "dice": [0.5]}).to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"missing column\(s\) \['has_lesion', 'auprc'\]"):
+        collect_metrics({("m", 0, "d"): path}, metrics=["dice", "auprc"])
+    with pytest.raises(
+        InputError, match=r"^collect_metrics: no metric files given \(paths is empty\)$"
+    ):
+        collect_metrics({})
+
+
+def test_tables_list_methods_and_datasets_in_order_of_first_appearance():
+    long = pd.DataFrame(
+        {
+            "method": ["zeta", "zeta", "alpha", "alpha"],
+            "dataset": ["z", "a", "z", "a"],
+            "fold": [0, 0, 0, 0],
+            "metric": ["dice"] * 4,
+            "value": [0.5, 0.25, 0.75, math.nan],
+        }
+    )
+    folds = fold_means(long)
+    assert list(folds["method"]) == ["zeta", "zeta", "alpha", "alpha"]
+    summary = summarise_over_folds(folds)
+    assert list(zip(summary["method"], summary["dataset"], strict=True)) == [
+        ("zeta", "z"),
+        ("zeta", "a"),
+        ("alpha", "z"),
+        ("alpha", "a"),
+    ]
+    # an all-NaN group stays, with integer counts
+    assert summary["n_folds"].tolist() == [1, 1, 1, 0] and summary["n_folds"].dtype == int
+    assert summary["n_subjects"].tolist() == [1, 1, 1, 0] and summary["n_subjects"].dtype == int
+    md = render_metric_table(summary, "dice", DICE)["md"].splitlines()
+    assert md[2] == "| Method (Dice [%]) | z | a |"
+    assert [line.split("|")[1].strip() for line in md[4:]] == ["zeta", "alpha"]
+
+
+# --- names ----------------------------------------------------------------------------------
+
+
+def test_protocol_names_with_p_for_the_decimal_point():
+    assert describe_protocol("healthy_fpr_0p5") == (
+        "threshold: 0.5 % FPR on healthy validation (label-free)"
+    )
+    assert protocol_label("healthy_fpr_0p5") == "0.5 % healthy FPR, label-free"
+    assert protocol_label("healthy_fpr_1") == "1 % healthy FPR, label-free"
+    assert protocol_label("fixed_0_5") == "fixed 0 5"
+    assert table_stem("Dice@FPR_5") == "Dice_at_FPR_5"
+
+
+def test_metric_info_errors_say_what_to_pass():
+    with pytest.raises(
+        InputError,
+        match=r"\(optionally followed by '@protocol'\), or pass its "
+        r"MetricInfo explicitly$",
+    ):
+        infer_metric_info("nope")
+    summary = _summary({("a", "d", "dice"): 0.5})
+    with pytest.raises(
+        InputError,
+        match=r"^metric_info\['dice'\] = \('Dice',\): expected \(display_name, "
+        r"higher_is_better, protocol, is_oracle\[, is_fraction, unit, decimals\]\)$",
+    ):
+        render_metric_table(summary, "dice", {"dice": ("Dice",)})
+
+
+# --- captions and layouts -----------------------------------------------------------------
+
+
+def test_main_table_with_two_protocols_and_both_directions():
+    metrics = ["dice@healthy_fpr_5", "dice@best_dice_val", "hd95@healthy_fpr_5"]
+    summary = _summary(
+        {
+            ("m", "brats", metrics[0]): 0.5,
+            ("m", "brats", metrics[1]): 0.6,
+            ("m", "brats", metrics[2]): 12.0,
+        },
+        n_folds=2,
+    )
+    info = {m: infer_metric_info(m) for m in metrics}
+    md = render_main_table(summary, info, main_metrics=metrics)["md"]
+    assert md.splitlines()[0] == (
+        "**Table: Main results: Dice in %, Dice in %, HD95 in mm; mean ± standard deviation "
+        "over 2 folds. Threshold: 5 % FPR on healthy validation (label-free); threshold: best "
+        "Dice on the lesion validation split (uses validation pixel labels). Best per column "
+        "in bold (higher is better; lower is better).**"
+    )
+    hd = render_metric_table(summary, metrics[2], info)["md"]
+    assert hd.splitlines()[0].endswith("Best per column in bold (lower is better).**")
+
+
+def test_main_table_orders_and_names_methods_and_datasets():
+    summary = _summary(
+        {
+            ("b", "brats", "dice"): 0.5,
+            ("a", "brats", "dice"): 0.25,
+            ("b", "atlas", "dice"): 0.125,
+        }
+    )
+    tables = render_main_table(
+        summary,
+        DICE,
+        main_metrics=["dice"],
+        method_order=["a"],
+        dataset_order=["atlas"],
+        method_names={"a": "Method A"},
+        dataset_names={"atlas": "ATLAS"},
+    )
+    lines = tables["md"].splitlines()
+    assert lines[2] == "| Method | ATLAS Dice [%] | brats Dice [%] |"
+    assert lines[4] == "| Method A | – | 25.0 ± 1.0 |"
+    assert lines[5] == "| b | **12.5 ± 1.0** | **50.0 ± 1.0** |"
+    tex = tables["tex"].splitlines()
+    assert tex[3] == "\\label{tab:main}"
+    assert tex[6] == " & \\multicolumn{1}{c}{ATLAS} & \\multicolumn{1}{c}{brats} \\\\"
+    assert tex[-5] == "Method A & -- & 25.0 $\\pm$ 1.0 \\\\"
+    assert tables["csv"].splitlines()[:2] == [
+        "method,dataset,metric,mean,std,n_folds,n_subjects",
+        "b,brats,dice,0.5,0.01,3,4",
+    ]
+    with pytest.raises(InputError, match=r"^render_main_table: main_metrics is empty$"):
+        render_main_table(summary, DICE, main_metrics=[])
+    metric = render_metric_table(summary, "dice", DICE, method_names={"b": "Method B"})["md"]
+    assert "| Method B | **50.0 ± 1.0** | **12.5 ± 1.0** |" in metric
+
+
+def test_write_tables_passes_order_names_datasets_and_note(tmp_path):
+    summary = _summary(
+        {
+            ("b", "brats", "dice"): 0.5,
+            ("a", "brats", "dice"): 0.25,
+            ("b", "ixi", "dice"): 0.125,
+        }
+    )
+    write_tables(
+        summary,
+        tmp_path / "by_metric",
+        ["dice"],
+        DICE,
+        main_metrics=["dice"],
+        method_order=["a"],
+        dataset_order=["ixi"],
+        method_names={"a": "Method A"},
+        dataset_names={"brats": "BraTS"},
+        main_out_dir=tmp_path / "main",
+        main_datasets=["brats"],
+        main_note="Prevalence 2 %.",
+    )
+    metric = (tmp_path / "by_metric" / "dice.md").read_text().splitlines()
+    assert metric[2] == "| Method (Dice [%]) | ixi | BraTS |"
+    assert metric[4].startswith("| Method A |")
+    main = (tmp_path / "main" / "main.md").read_text().splitlines()
+    assert main[2] == "| Method | BraTS Dice [%] |"  # the healthy cohort left out
+    assert main[4].startswith("| Method A |")
+    assert main[-1] == "Prevalence 2 %."
+    assert "\\footnotesize Prevalence 2 \\%." in (tmp_path / "main" / "main.tex").read_text()
+    with pytest.raises(InputError, match=r"^write_tables: summary: expected exactly one count"):
+        write_tables(summary.drop(columns="n_subjects"), tmp_path, ["dice"], DICE)
+    with pytest.raises(InputError, match=r"^write_tables: no metrics given$"):
+        write_tables(summary, tmp_path, [], DICE)
+
+
+def test_a_summary_needs_one_count_column_for_its_csv():
+    summary = _summary({("a", "d", "dice"): 0.5}).drop(columns="n_subjects")
+    with pytest.raises(InputError, match=r"^summary: expected exactly one count column"):
+        render_metric_table(summary, "dice", DICE)

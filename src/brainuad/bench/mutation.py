@@ -37,8 +37,17 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_postprocess.py",
         "tests/test_postprocess_definitions.py",
     ],
-    "evaluation/metrics.py": ["tests/test_metrics.py"],
-    "evaluation/calibration.py": ["tests/test_calibration.py"],
+    # test_evaluation_modes.py: the reference mode's bisection search and per-slice FPR threshold
+    "evaluation/metrics.py": [
+        "tests/test_metrics.py",
+        "tests/test_metrics_definitions.py",
+        "tests/test_evaluation_modes.py",
+    ],
+    "evaluation/calibration.py": [
+        "tests/test_calibration.py",
+        "tests/test_calibration_definitions.py",
+        "tests/test_evaluation_modes.py",
+    ],
     "evaluation/aggregate.py": ["tests/test_aggregate.py", "tests/test_aggregate_definitions.py"],
     "evaluation/tables.py": ["tests/test_tables.py", "tests/test_tables_definitions.py"],
     "slices/splits.py": ["tests/test_splits.py", "tests/test_splits_definitions.py"],
