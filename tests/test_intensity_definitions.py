@@ -41,7 +41,7 @@ def test_default_is_one_bright_channel_and_nothing_to_train() -> None:
     torch.testing.assert_close(
         method.score(images[:, :1], brainmask).anomaly_map, images[:, 0] * brainmask[:, 0]
     )
-    with pytest.raises(InputError, match="^the intensity baseline has no trained stage$"):
+    with pytest.raises(InputError, match=r"^the intensity baseline has no trained stage$"):
         method.training_loss({"image": images[:, :1], "brainmask": brainmask})
 
 
