@@ -64,6 +64,8 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_preprocess_definitions.py",
     ],
     "methods/intensity.py": ["tests/test_intensity_definitions.py"],
+    "methods/pddpm.py": ["tests/test_pddpm.py"],
+    "methods/anoddpm.py": ["tests/test_anoddpm.py"],
     "methods/dae.py": ["tests/test_dae.py", "tests/test_dae_definitions.py"],
     "methods/vae.py": ["tests/test_vae.py", "tests/test_vae_definitions.py"],
     "preprocess/register.py": ["tests/test_register_definitions.py"],
