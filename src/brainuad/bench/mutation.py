@@ -64,8 +64,11 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_preprocess_definitions.py",
     ],
     "methods/intensity.py": ["tests/test_intensity_definitions.py"],
-    "methods/pddpm.py": ["tests/test_pddpm.py"],
+    "methods/pddpm.py": ["tests/test_pddpm.py", "tests/test_pddpm_definitions.py"],
     "methods/anoddpm.py": ["tests/test_anoddpm.py"],
+    "methods/autoddpm.py": ["tests/test_autoddpm.py"],
+    "methods/cddpm.py": ["tests/test_cddpm.py"],
+    "methods/wolleb.py": ["tests/test_wolleb.py", "tests/test_ema_methods.py"],
     "methods/dae.py": ["tests/test_dae.py", "tests/test_dae_definitions.py"],
     "methods/vae.py": ["tests/test_vae.py", "tests/test_vae_definitions.py"],
     "preprocess/register.py": ["tests/test_register_definitions.py"],
@@ -168,8 +171,11 @@ def single_threaded_env() -> dict[str, str]:
     mutant's run from one warm process; a torch (OpenMP) thread pool started before the fork
     leaves the child waiting for threads that do not exist, which reads as a timeout."""
     env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[name] = "1"
+    # numba's OpenMP layer would share (and resize) torch's libgomp pool: simplex noise
+    # before a fork hung the children the same way
+    env["NUMBA_THREADING_LAYER"] = "workqueue"
     return env
 
 
