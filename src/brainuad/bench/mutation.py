@@ -55,7 +55,8 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_preprocess_definitions.py",
     ],
     # test_training.py trains tiny models (seconds per test, hundreds of mutants of train()):
-    # its tests that train nothing, so train()'s own mutants count as "no test" here
+    # its tests that train nothing; train() itself is run by test_training_definitions.py
+    # with a one-weight method (milliseconds per run)
     "training/loop.py": [
         "tests/test_training.py::test_sampler_resumes_mid_epoch",
         "tests/test_training.py::test_training_run_validation",
@@ -65,6 +66,8 @@ UNIT_TESTS: dict[str, list[str]] = {
         "tests/test_training.py::test_steps_for_epochs_matches_the_reference",
         "tests/test_training_definitions.py",
     ],
+    # the UNet replaced by a recording stand-in: the objective, scaling, t range, scoring
+    "methods/ddpm.py": ["tests/test_ddpm_definitions.py"],
 }
 
 DOC = Path("docs/testing.md")
