@@ -5,6 +5,7 @@ training random stream as it was, and the RNG state of a checkpoint restores eve
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def test_balanced_batches_follow_their_class_streams():
         assert batch == h[3 * step : 3 * step + 3] + les[2 * step : 2 * step + 2]  # 5 - 5 // 2
     resumed = _take(InfiniteBalancedBatches(labels, batch_size=5, seed=2, start_sample=10), 2)
     assert resumed == batches[2:]
+    # a new stream starts at the first sample, whatever the batch size
+    one = InfiniteBalancedBatches(labels, batch_size=1, seed=2)
+    assert one.start == [0, 0] and _take(one, 3) == [[h[0]], [h[1]], [h[2]]]
     with pytest.raises(InputError, match="got 0 healthy and 2 lesion slices"):
         InfiniteBalancedBatches([1, 1], batch_size=2, seed=0)
 
@@ -184,6 +188,26 @@ def test_rng_state_round_trip_restores_every_stream():
     np.testing.assert_array_equal(got[1], expected[1])
     assert got[2] == expected[2]
     assert state["numpy"][1].dtype == torch.int64  # loads with weights_only
+
+
+def test_rng_state_covers_cuda_devices_when_there_are(monkeypatch):
+    """The CUDA generators are saved and restored with the others, unless the number of
+    devices changed (a checkpoint moved to another machine)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["s0", "s1"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = loop._get_rng_state()
+    assert state["cuda"] == ["s0", "s1"]
+    loop._set_rng_state(state)
+    assert restored == [["s0", "s1"]]
+    loop._set_rng_state(state | {"cuda": ["s0"]})  # another number of devices: left alone
+    loop._set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    assert restored == [["s0", "s1"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loop._set_rng_state(state)
+    assert restored == [["s0", "s1"]] and "cuda" not in loop._get_rng_state()
 
 
 def test_log_is_cut_at_the_resumed_step(tmp_path):
@@ -627,7 +651,7 @@ def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path):
     assert read_log(run.log_path)[-1]["train_loss"] == read_log(whole.log_path)[-1]["train_loss"]
 
 
-def test_best_weights_are_scored_when_asked(tmp_path):
+def test_best_weights_are_scored_when_asked(tmp_path, caplog):
     data, val = _slices(7), _slices(3)
     run = _run(tmp_path, score_checkpoint="best", validate_every=1, checkpoint_every=1)
     weights = []
@@ -638,13 +662,19 @@ def test_best_weights_are_scored_when_asked(tmp_path):
     assert (summary["best_step"], summary["best_val_loss"]) == (2, 1.0)
     assert summary["scored_checkpoint"] == "best"
     assert float(method.w.detach()) == weights[1] != weights[-1]
-    # a finished run re-run scores the best weights again
+    # a finished run re-run scores the best weights again, and says so
     again = _ScriptedValidation()
-    assert train(again, data, val, run)["best_step"] == 2 and float(again.w.detach()) == weights[1]
+    with caplog.at_level(logging.INFO, logger=loop.__name__):
+        assert train(again, data, val, run)["best_step"] == 2
+    assert float(again.w.detach()) == weights[1]
+    assert "scoring the weights of step 2 (lowest validation loss)" in caplog.messages
     # best.pt of another step than the checkpoint's best: refused
     payload = torch.load(run.best_path, weights_only=True)
     loop.save_torch(payload | {"step": 3}, run.best_path)
     with pytest.raises(InputError, match="expected the best weights of step 2, found step 3"):
+        train(_ScriptedValidation(), data, val, run)
+    run.best_path.unlink()
+    with pytest.raises(InputError, match="best-validation weights"):
         train(_ScriptedValidation(), data, val, run)
     with pytest.raises(InputError, match="score_checkpoint 'best' needs validation slices"):
         train(_OneWeight(), data, [], _run(tmp_path / "x", score_checkpoint="best"))
