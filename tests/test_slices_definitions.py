@@ -221,9 +221,10 @@ def test_concatenated_datasets_index_across_parts(slice_path):
     assert both.subjects.tolist() == ["ixi/b"] * 3 + ["brats/a"] * 2
     assert both.labels.tolist() == [0, 0, 1, 1, 0]
     assert [both[i]["row"] for i in range(5)] == [0, 1, 2, 3, 4]
-    with pytest.raises(InputError, match="one name per part, at least one part"):
+    message = r"^ConcatSliceDataset: expected one name per part, at least one part$"
+    with pytest.raises(InputError, match=message):
         ConcatSliceDataset([first], ["a", "b"])
-    with pytest.raises(InputError, match="one name per part, at least one part"):
+    with pytest.raises(InputError, match=message):
         ConcatSliceDataset([], [])
 
 
@@ -406,3 +407,23 @@ def test_build_slice_file_records_settings_and_counts(tmp_path):
             min_brain_fraction=0.5,
             attrs={},
         )
+
+
+def test_slice_voxel_spacing_is_the_padded_side_over_the_size():
+    """A slice of an (R, A) = (40, 48) grid at 1.5 mm is padded to 48 × 48 and resized to
+    32 px: a pixel spans 48 · 1.5 / 32 = 2.25 mm; slices stay 1.5 mm apart. The larger
+    in-plane side decides, whichever axis it is; the third (slice) axis never does."""
+    from brainuad.slices.extract import slice_voxel_spacing
+
+    spacing = slice_voxel_spacing(resolution_mm=1.5, volume_shape=(40, 48, 40), size=32)
+    assert spacing == (1.5, 2.25, 2.25) and all(type(v) is float for v in spacing)
+    assert slice_voxel_spacing(resolution_mm=2, volume_shape=(60, 48, 90), size=32) == (
+        2.0,
+        3.75,
+        3.75,
+    )
+    assert slice_voxel_spacing(resolution_mm=1, volume_shape=(8, 8, 4), size=16) == (
+        1.0,
+        0.5,
+        0.5,
+    )
