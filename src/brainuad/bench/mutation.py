@@ -71,6 +71,12 @@ UNIT_TESTS: dict[str, list[str]] = {
     "methods/ae.py": ["tests/test_ae_definitions.py"],
 }
 
+# mutmut forks each mutant's run from a process that has already run the tests; a torch
+# operation that used OpenMP threads there (bilinear resizing of slices) then waits forever in
+# the child for threads that fork did not copy, and the mutant is counted as a timeout (a
+# kill). One thread per process avoids that; mutants run one per core anyway.
+MUTMUT_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 DOC = Path("docs/testing.md")
 TABLE_START = "<!-- mutation-scores:start -->"
 TABLE_END = "<!-- mutation-scores:end -->"
@@ -175,7 +181,12 @@ def run_module(
         for name in ("src", "tests"):
             (work / name).symlink_to(root / name)
         (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
-        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, check=True)
+        subprocess.run(
+            [mutmut, "run", "--max-children", str(max_children)],
+            cwd=work,
+            check=True,
+            env=MUTMUT_ENV,
+        )
     status = mutant_status(work, module)
     counts = Counter(status.values())
     survivors = sorted(name for name, st in status.items() if st in ("survived", "no tests"))
