@@ -427,3 +427,28 @@ def test_slice_voxel_spacing_is_the_padded_side_over_the_size():
         0.5,
         0.5,
     )
+
+
+def test_readers_take_any_row_list_and_name_the_file_when_it_breaks(slice_path):
+    """Rows may come as a list, an int32 array or nothing at all (an empty selection reads
+    nothing); unknown subjects are listed (the first five, sorted); a file damaged after
+    the reader opened it fails with a message naming it (HDF5 datasets read lazily)."""
+    from brainuad.errors import CorruptFileError
+
+    slices = SliceFile(slice_path)
+    empty = slices.read([])
+    assert empty["images"].shape == (0, 2, H, W) and empty["row"].dtype == np.int64
+    assert slices.read(np.array([4, 1], dtype=np.int32))["row"].dtype == np.int64
+    none = SliceDataset(slice_path, rows=[])
+    assert len(none) == 0 and none.rows.dtype == np.int64 and none.subjects.tolist() == []
+    with pytest.raises(InputError, match=r"not in slice file: \['c', 'd', 'e', 'f', 'g'\]$"):
+        slices.rows_for_subjects(["a", "h", "g", "f", "e", "d", "c"])
+    dataset = SliceDataset(slice_path)
+    slices.close()
+    with h5py.File(slice_path, "a") as f:  # damaged after the readers checked it
+        del f["brainmask"]
+    what = r"s\.h5: not a readable slice file \(HDF5, brainuad\.slices\.hdf5\) \(KeyError"
+    with pytest.raises(CorruptFileError, match=what):
+        slices.read([0])
+    with pytest.raises(CorruptFileError, match=what):
+        dataset[0]
