@@ -452,3 +452,69 @@ def test_readers_take_any_row_list_and_name_the_file_when_it_breaks(slice_path):
         slices.read([0])
     with pytest.raises(CorruptFileError, match=what):
         dataset[0]
+
+
+def test_build_slice_file_label_rules_and_messages(tmp_path):
+    """Only ``lesion_labels`` count as lesion, a slice with exactly ``min_lesion_pixels`` of
+    them is a lesion slice (in the file and in the counts, slice by slice), and a subject
+    lacking a sequence is named with the sequences it has."""
+    from brainuad.slices.extract import build_slice_file
+
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[:2, :, 1] = 1  # slice 1: 6 pixels of label 1
+    seg[:2, :, 2] = 2  # slice 2: 6 pixels of label 2 and one of label 1
+    seg[2, 0, 2] = 1
+    files, _, _ = _volumes(tmp_path, seg_values=seg)
+    options = {"sequences": ["t1"], "size": 6, "min_brain_fraction": 0.5, "attrs": {}}
+    only_2 = build_slice_file(
+        out_path=tmp_path / "two.h5",
+        subjects={"s": files},
+        min_lesion_pixels=6,
+        lesion_labels=[2],
+        **options,
+    )
+    assert only_2["per_subject"] == {"s": {"n_slices": 2, "n_lesion_slices": 1}}
+    slices = SliceFile(tmp_path / "two.h5")
+    assert slices.labels.tolist() == [0, 1] and slices.attrs["min_lesion_pixels"] == 6
+    stored = slices.read([0, 1])["seg"]
+    assert stored[0].max() == 0 and set(np.unique(stored[1]).tolist()) == {0, 2}
+    both = build_slice_file(
+        out_path=tmp_path / "both.h5",
+        subjects={"s": files},
+        min_lesion_pixels=6,
+        lesion_labels=[1, 2],
+        **options,
+    )
+    assert both["n_lesion_slices"] == 2 and SliceFile(tmp_path / "both.h5").labels.tolist() == [
+        1,
+        1,
+    ]
+    message = r"^subject s: images: missing sequence\(s\) \['flair'\]; given \['t1', 't2'\]"
+    with pytest.raises(InputError, match=message):
+        build_slice_file(
+            out_path=tmp_path / "x.h5",
+            subjects={"s": files},
+            **{**options, "sequences": ["t1", "flair"]},
+        )
+
+
+def test_square_padding_and_resizing_by_hand():
+    """Padding is symmetric (the odd pixel at the end); label maps are resized by
+    nearest-exact (source pixel floor((i + 0.5) · in / out)), images bilinearly, and every
+    stack is resized, whatever its number of channels."""
+    from brainuad.slices.extract import _pad_square, _resize
+
+    tall = np.ones((1, 1, 6, 1))
+    wide = np.ones((1, 1, 1, 6))
+    np.testing.assert_array_equal(_pad_square(tall)[0, 0].sum(axis=0), [0, 0, 6, 0, 0, 0])
+    np.testing.assert_array_equal(_pad_square(wide)[0, 0].sum(axis=1), [0, 0, 6, 0, 0, 0])
+    labels = np.arange(36, dtype=np.float32).reshape(1, 1, 6, 6)
+    picked = [0, 2, 3, 5]  # floor((i + 0.5) * 1.5)
+    np.testing.assert_array_equal(
+        _resize(labels, 4, labels=True)[0, 0], labels[0, 0][np.ix_(picked, picked)]
+    )
+    two_channels = np.stack([labels[0, 0], -labels[0, 0]])[None]  # [1, 2, 6, 6]
+    out = _resize(two_channels, 2, labels=False)
+    assert out.shape == (1, 2, 2, 2)
+    np.testing.assert_allclose(out[0, 1], -out[0, 0])
+    assert _resize(two_channels, 6, labels=False) is two_channels
