@@ -6,7 +6,9 @@ training random stream as it was, and the RNG state of a checkpoint restores eve
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import brainuad
 from brainuad.errors import InputError
-from brainuad.methods.base import Method
+from brainuad.methods.base import Method, Stage
 from brainuad.provenance import seed_everything
 from brainuad.training import loop
 from brainuad.training.loop import (
@@ -123,9 +125,13 @@ def test_make_batch_sampler_kinds():
         9,
         5,
     )
-    with pytest.raises(InputError, match="'volumes' needs a dataset with subject ids"):
+    with pytest.raises(
+        InputError, match=r"^training\.sampler 'volumes' needs a dataset with subject ids$"
+    ):
         make_batch_sampler("volumes", _Items(2), 2, 0, 0)
-    with pytest.raises(InputError, match="'balanced' needs a dataset with slice labels"):
+    with pytest.raises(
+        InputError, match=r"^training\.sampler 'balanced' needs a dataset with slice labels$"
+    ):
         make_batch_sampler("balanced", _Items(2), 2, 0, 0)
 
 
@@ -309,6 +315,10 @@ class _OneWeight(Method):
         x = batch["image"].float().mean(dim=(1, 2, 3))
         return ((self.w * x - 1 - torch.rand(x.shape)) ** 2).mean()
 
+    def to(self, *args, **kwargs):
+        self.moved_to = [*getattr(self, "moved_to", []), args]
+        return super().to(*args, **kwargs)
+
     def before_optimizer_step(self, stage="model"):
         self.hooks.append(("before", stage, float(self.w.grad)))
 
@@ -409,6 +419,7 @@ def test_train_is_the_plain_loop_with_its_bookkeeping(tmp_path, monkeypatch):
     run = _run(tmp_path)
     seen = []
     method = _OneWeight()
+    started = time.perf_counter()
     summary = train(
         method,
         data,
@@ -417,6 +428,7 @@ def test_train_is_the_plain_loop_with_its_bookkeeping(tmp_path, monkeypatch):
         data_fingerprint="abc",
         on_step=lambda step, loss: seen.append((step, loss)),
     )
+    wall = time.perf_counter() - started
     losses, val_losses, weights = _reference(
         data, val, steps=5, batch_size=3, lr=0.05, seed=3, validate={2, 4, 5}, max_batches=1
     )
@@ -458,7 +470,8 @@ def test_train_is_the_plain_loop_with_its_bookkeeping(tmp_path, monkeypatch):
         "final_train_loss": losses[-1],
         "final_val_loss": val_losses[5],
     }
-    assert summary["seconds"] >= seconds[-1] - 1e-3
+    assert seconds[-1] - 1e-3 <= summary["seconds"] <= wall  # training time, from zero
+    assert method.moved_to == [(torch.device("cpu"),)]  # left on the run's device
     # what the checkpoint holds: the run's identity, state and position in the data stream
     checkpoint = torch.load(run.checkpoint_path, weights_only=True)
     assert checkpoint["format"] == loop.CHECKPOINT_FORMAT
@@ -550,6 +563,7 @@ def test_resume_continues_the_same_stream(tmp_path):
     assert summary["final_train_loss"] == float(read_log(cut.log_path)[-1]["train_loss"])
     assert summary["final_val_loss"] == float(read_log(cut.log_path)[-1]["val_loss"])
     assert summary["best_step"] == expected["best"]["step"]
+    assert summary["best_val_loss"] == expected["best"]["val_loss"] is not None
     finished = torch.load(cut.checkpoint_path, weights_only=True)
     assert summary["seconds"] == finished["elapsed_seconds"]
     assert float(again.w.detach()) == float(method.w.detach()) and not again.training
@@ -610,16 +624,16 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, key, change):
     data = _Items(6, subjects=list("aabbcc"))
     for item in data.items:
         item["brainmask"] = torch.ones(1, 2, 2)
-    train(_OneWeight(), data, None, _run(tmp_path, max_steps=1), data_fingerprint="abc")
+    train(_OneWeight(score_seed=1), data, None, _run(tmp_path, max_steps=1), data_fingerprint="abc")
     method = _OneWeight(score_seed=5)  # a scoring-only hyperparameter: still the same run
     assert train(method, data, None, _run(tmp_path, max_steps=1), data_fingerprint="abc")["resumed"]
     fingerprint = "other" if key == "data_fingerprint" else "abc"
     if key == "train_slices":
         data = _Items(5, subjects=list("aabbc"))
     if key == "hparams":
-        method = _OneWeight(weight_decay=0.1)
+        method = _OneWeight(weight_decay=0.1, score_seed=1)
     if key == "method":
-        method = type("Other", (_OneWeight,), {"name": "other"})()
+        method = type("Other", (_OneWeight,), {"name": "other"})(score_seed=1)
     with pytest.raises(InputError, match=rf"checkpoint has {key}=.*delete the checkpoint"):
         train(
             method, data, None, _run(tmp_path, max_steps=2, **change), data_fingerprint=fingerprint
@@ -690,3 +704,108 @@ def test_train_refuses_empty_data_unknown_stage_and_infinite_loss(tmp_path):
     data[2]["image"] = torch.full((1, 2, 2), float("inf"))
     with pytest.raises(RuntimeError, match=r"one_weight: training loss is (inf|nan) at step \d"):
         train(_OneWeight(), data, None, _run(tmp_path, batch_size=1))
+
+
+class _Recorder(_OneWeight):
+    """Records the batches it is trained on (images, labels, the process that read them)."""
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.seen: list[dict] = []
+
+    def training_loss(self, batch):
+        self.seen.append({"training": self.training, **batch})
+        return super().training_loss(batch)
+
+
+class _PidSlices:
+    """Slices that say which process read them."""
+
+    def __init__(self, n):
+        self.items = _slices(n)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return {**self.items[index], "pid": os.getpid()}
+
+
+def test_train_uses_the_runs_sampler_augmentation_and_workers(tmp_path):
+    data, val = _slices(8), _slices(3)
+    balanced = _Recorder()
+    labelled = _Items(8, labels=[item["label"] for item in data])
+    for index, item in enumerate(labelled.items):
+        item.update(data[index])
+    train(balanced, labelled, None, _run(tmp_path / "b", batch_size=4, sampler="balanced"))
+    assert all(batch["label"].tolist() == [0, 0, 1, 1] for batch in balanced.seen)
+    # intensity augmentation (a random gamma on every slice): training batches only
+    augmented = _Recorder()
+    settings = {"gamma_p": 1.0, "bias_field_p": 0.0, "blur_p": 0.0, "ghosting_p": 0.0}
+    run = _run(tmp_path / "a", augmentation=settings, max_steps=2, validate_every=1)
+    train(augmented, data, val, run)
+    trained = [b for b in augmented.seen if b["training"]]
+    validated = [b for b in augmented.seen if not b["training"]]
+    assert len(trained) == 2 and len(validated) == 2
+    stream = iter(InfiniteShuffledBatches(8, 3, seed=3))
+    for batch in trained:
+        raw = torch.stack([data[i]["image"] for i in next(stream)])
+        assert not torch.equal(batch["image"], raw)
+    assert all(torch.equal(b["image"], torch.stack([x["image"] for x in val])) for b in validated)
+    # DataLoader worker processes read the training slices
+    workers = _Recorder()
+    train(workers, _PidSlices(6), None, _run(tmp_path / "w", max_steps=2, num_workers=1))
+    assert all(os.getpid() not in b["pid"].tolist() for b in workers.seen)
+
+
+class _TwoStage(_OneWeight):
+    """Two stages, each training its own weight; records its schedule requests."""
+
+    stages = (
+        Stage("pretrain", modules=("first",)),
+        Stage("model", consumes=("pretrain",), modules=("second",)),
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(1, 1, bias=False)
+        self.second = torch.nn.Linear(1, 1, bias=False)
+        self.schedules: list[tuple[int, str]] = []
+
+    def stage_loss(self, stage, batch):
+        x = batch["image"].float().mean(dim=(1, 2, 3))[:, None]
+        layer = self.first if stage == "pretrain" else self.second
+        return ((layer(x) - 1) ** 2).mean()
+
+    def before_optimizer_step(self, stage="model"):
+        self.hooks.append(("before", stage, 0.0))
+
+    def after_optimizer_step(self, stage="model"):
+        self.hooks.append(("after", stage, 0.0))
+
+    def configure_lr_scheduler(self, optimizer, max_steps, stage="model"):
+        self.schedules.append((max_steps, stage))
+        return None
+
+
+def test_a_stage_trains_its_own_parameters_with_its_own_schedule(tmp_path):
+    method = _TwoStage()
+    first, second = method.first.weight.clone(), method.second.weight.clone()
+    run = _run(tmp_path, max_steps=3)
+    summary = train(method, _slices(6), None, run, stage="pretrain")
+    assert not torch.equal(method.first.weight, first)  # the stage's module learns
+    assert torch.equal(method.second.weight, second)  # the other is left alone
+    assert method.schedules == [(3, "pretrain")]
+    assert {h[1] for h in method.hooks} == {"pretrain"} and summary["stage"] == "pretrain"
+    assert torch.load(run.checkpoint_path, weights_only=True)["stage"] == "pretrain"
+
+
+def test_stale_checkpoint_temporaries_are_removed_and_logged(tmp_path, caplog):
+    run = _run(tmp_path, max_steps=1)
+    run.checkpoint_path.parent.mkdir(parents=True)
+    stale = run.checkpoint_path.parent / f".{run.checkpoint_path.name}.abc.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.INFO, logger=loop.__name__):
+        train(_OneWeight(), _slices(4), None, run)
+    assert not stale.exists()
+    assert f"removed {stale}, left by a job killed while writing a checkpoint" in caplog.messages
