@@ -299,7 +299,8 @@ def test_checkpoint_write_failing_half_way_keeps_the_last_checkpoint(tmp_path, m
 
 
 class _OneWeight(Method):
-    """Loss mean((w x̄ - 1 - u)²), x̄ the slice mean, u ~ U(0, 1) from the global RNG."""
+    """Loss mean((w x̄ - 1 - u)²), x̄ the slice mean, u ~ U(0, 1) from the global RNG; w x̄
+    is a matrix product, which bf16 autocast would round (CPU runs train in fp32)."""
 
     name = "one_weight"
     default_batch_size = 3
@@ -313,7 +314,8 @@ class _OneWeight(Method):
 
     def training_loss(self, batch):
         x = batch["image"].float().mean(dim=(1, 2, 3))
-        return ((self.w * x - 1 - torch.rand(x.shape)) ** 2).mean()
+        wx = (x[:, None] @ self.w[None, :])[:, 0]
+        return ((wx - 1 - torch.rand(x.shape)) ** 2).mean()
 
     def to(self, *args, **kwargs):
         self.moved_to = [*getattr(self, "moved_to", []), args]
@@ -522,9 +524,10 @@ def test_train_defaults_from_the_method_and_no_validation(tmp_path):
     assert (summary["batch_size"], summary["learning_rate"]) == (3, 0.05)
     assert (summary["best_step"], summary["final_val_loss"]) == (None, None)
     assert not run.best_path.exists()
-    # an empty validation set is no validation either
+    # an empty validation set is no validation either; one slice is a validation set
     summary = train(_OneWeight(), data, [], _run(tmp_path / "empty"))
     assert summary["final_val_loss"] is None
+    assert train(_OneWeight(), data, data[:1], _run(tmp_path / "one"))["final_val_loss"] > 0
 
 
 def test_resume_continues_the_same_stream(tmp_path):
@@ -742,6 +745,9 @@ def test_train_uses_the_runs_sampler_augmentation_and_workers(tmp_path):
     # intensity augmentation (a random gamma on every slice): training batches only
     augmented = _Recorder()
     settings = {"gamma_p": 1.0, "bias_field_p": 0.0, "blur_p": 0.0, "ghosting_p": 0.0}
+    settings["mask_outside_brain"] = True
+    for item in data:
+        item["brainmask"] = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
     run = _run(tmp_path / "a", augmentation=settings, max_steps=2, validate_every=1)
     train(augmented, data, val, run)
     trained = [b for b in augmented.seen if b["training"]]
@@ -751,6 +757,7 @@ def test_train_uses_the_runs_sampler_augmentation_and_workers(tmp_path):
     for batch in trained:
         raw = torch.stack([data[i]["image"] for i in next(stream)])
         assert not torch.equal(batch["image"], raw)
+        assert batch["image"][..., 1, 1].eq(0).all() and batch["image"][..., 0, 0].gt(0).all()
     assert all(torch.equal(b["image"], torch.stack([x["image"] for x in val])) for b in validated)
     # DataLoader worker processes read the training slices
     workers = _Recorder()
@@ -809,3 +816,59 @@ def test_stale_checkpoint_temporaries_are_removed_and_logged(tmp_path, caplog):
         train(_OneWeight(), _slices(4), None, run)
     assert not stale.exists()
     assert f"removed {stale}, left by a job killed while writing a checkpoint" in caplog.messages
+
+
+class _SometimesUnused(_OneWeight):
+    """A second weight that only odd steps' losses use."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.tensor([0.5]))
+        self.calls, self.v_after = 0, []
+
+    def training_loss(self, batch):
+        self.calls += 1
+        loss = super().training_loss(batch)
+        return loss + (self.v.square().sum() if self.calls % 2 else 0)
+
+    def after_optimizer_step(self, stage="model"):
+        self.v_after.append(float(self.v.detach()))
+
+
+def test_a_weight_without_gradient_in_a_step_stays_put(tmp_path):
+    """Gradients are reset to None before each step, so Adam leaves a weight that the
+    step's loss does not use where it is (zeroed gradients would move it on momentum)."""
+    method = _SometimesUnused()
+    train(method, _slices(6), None, _run(tmp_path, max_steps=4))
+    first, second, third, fourth = method.v_after
+    assert first < 0.5 and second == first and third < second and fourth == third
+
+
+def test_progress_bar_shows_the_stage_and_the_steps(tmp_path, capsys):
+    train(
+        _TwoStage(),
+        _slices(6),
+        None,
+        _run(tmp_path / "p", max_steps=3, progress=True),
+        stage="pretrain",
+    )
+    shown = capsys.readouterr().err
+    assert "train one_weight (pretrain)" in shown and "3/3" in shown
+    train(_OneWeight(), _slices(6), None, _run(tmp_path / "m", max_steps=2, progress=True))
+    shown = capsys.readouterr().err
+    assert "train one_weight:" in shown and "2/2" in shown and "(model)" not in shown
+    train(_OneWeight(), _slices(6), None, _run(tmp_path / "q", max_steps=2))
+    assert capsys.readouterr().err == ""
+
+    # resumed: the bar starts at the checkpoint's step
+    def stop(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    run = _run(tmp_path / "r", max_steps=4, progress=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(_OneWeight(), _slices(6), None, run, on_step=stop)
+    capsys.readouterr()
+    train(_OneWeight(), _slices(6), None, run)
+    shown = capsys.readouterr().err
+    assert "2/4" in shown and "1/4" not in shown and "4/4" in shown
