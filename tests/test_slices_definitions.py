@@ -65,6 +65,8 @@ def test_writer_follows_the_contract(slice_path):
             assert f[name].dtype == np.uint8 and f[name].chunks == (1, H, W)
             assert f[name].compression == "lzf"
         assert f["label"].dtype == np.uint8 and f["slice_index"].dtype == np.int32
+        for name in ("label", "slice_index", "subject"):  # 1-D columns: larger chunks
+            assert f[name].chunks == (1024,), name
         # label: at least min_lesion_pixels (3) lesion pixels
         assert f["label"][:].tolist() == [0, 0, 1, 1, 0]
         assert set(np.unique(f["brainmask"][:])) == {0, 1}
@@ -176,15 +178,24 @@ def test_slice_file_refuses_other_files(tmp_path, slice_path):
     missing = tmp_path / "m.h5"
     with h5py.File(missing, "w") as f:
         f.create_dataset("images", data=np.zeros((1, 1, 2, 2)))
-    expected = r"m.h5: .*missing \[.attrs\[.sequences.\]., 'brainmask', 'label'"
+    expected = (
+        r"m\.h5: not a readable slice file \(HDF5, brainuad\.slices\.hdf5\) "
+        r"\(missing \[.attrs\[.sequences.\]., 'brainmask', 'label'"
+    )
     with pytest.raises(InputError, match=expected):
         SliceFile(missing)
     with h5py.File(slice_path, "a") as f:
         f.attrs["contract_version"] = CONTRACT_VERSION + 1
     with pytest.raises(
-        InputError, match=f"contract_version {CONTRACT_VERSION + 1}, this version reads"
+        InputError,
+        match=rf"slice file \(HDF5, brainuad\.slices\.hdf5\) \(contract_version "
+        rf"{CONTRACT_VERSION + 1}, this version reads",
     ):
         SliceFile(slice_path)
+    text = tmp_path / "t.h5"
+    text.write_text("not HDF5")
+    with pytest.raises(InputError, match=r"t\.h5: not a readable slice file \(HDF5, brainuad"):
+        SliceFile(text)
 
 
 def test_slice_dataset_items_and_selections(slice_path):
@@ -518,3 +529,23 @@ def test_square_padding_and_resizing_by_hand():
     assert out.shape == (1, 2, 2, 2)
     np.testing.assert_allclose(out[0, 1], -out[0, 0])
     assert _resize(two_channels, 6, labels=False) is two_channels
+
+
+def test_empty_writer_and_writer_outside_its_block(tmp_path):
+    """A slice file with no subject has every per-row dataset empty (N = 0 throughout);
+    appending outside the ``with`` block is refused; an ignore value of 1 is an ignored
+    pixel."""
+    path = tmp_path / "empty.h5"
+    with SliceWriter(path, sequences=["t2"], height=H, width=W, with_ignore=True):
+        pass
+    with h5py.File(path, "r") as f:
+        assert {name: f[name].shape[0] for name in f} == dict.fromkeys(
+            ("brainmask", "ignore", "images", "label", "seg", "slice_index", "subject"), 0
+        )
+    writer = SliceWriter(tmp_path / "x.h5", sequences=["t2"], height=H, width=W)
+    images, brain, seg = _subject(1, 0, [1])
+    with pytest.raises(AssertionError, match=r"^use SliceWriter as a context manager$"):
+        writer.append_subject("s", images[:, :1], brain, seg, np.arange(1))
+    with SliceWriter(tmp_path / "i.h5", sequences=["t2"], height=H, width=W, with_ignore=True) as w:
+        w.append_subject("s", images[:, :1], brain, seg, np.arange(1), ignore=seg.clip(0, 1))
+    assert SliceFile(tmp_path / "i.h5").read([0])["ignore"].sum() == 1
