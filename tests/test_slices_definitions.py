@@ -549,3 +549,69 @@ def test_empty_writer_and_writer_outside_its_block(tmp_path):
     with SliceWriter(tmp_path / "i.h5", sequences=["t2"], height=H, width=W, with_ignore=True) as w:
         w.append_subject("s", images[:, :1], brain, seg, np.arange(1), ignore=seg.clip(0, 1))
     assert SliceFile(tmp_path / "i.h5").read([0])["ignore"].sum() == 1
+
+
+def test_extraction_boundaries_messages_and_resampling_against_pillow(tmp_path):
+    """Label values 0..255 (also stored as integral floats) are accepted, 256 is not; one
+    brain voxel keeps a slice at min_brain_fraction 0; a grid mismatch names both files;
+    images are resized as Pillow's antialiased bilinear resize, masks by nearest-exact."""
+    from PIL import Image
+
+    from brainuad.io.nifti import save_nifti
+    from brainuad.slices.extract import _oriented_slices, _pad_square
+
+    with pytest.raises(
+        InputError, match=r"^sequences: expected at least one sequence name, got none$"
+    ):
+        _extract(_volumes(tmp_path)[0], sequences=[])
+    cases = {"float": (np.float32, 2), "max": (np.int16, 255), "over": (np.int16, 256)}
+    for name, (dtype, value) in cases.items():
+        seg = np.zeros((X, Y, Z), dtype)
+        seg[0, 0, 1], seg[1, 0, 1] = value, 1
+        (tmp_path / name).mkdir()
+        files, _, _ = _volumes(tmp_path / name, seg_values=seg, seg_dtype=dtype)
+        if name == "over":
+            with pytest.raises(InputError, match=r"values span 0..256, expected 0..255"):
+                _extract(files)
+        else:
+            assert set(np.unique(_extract(files).seg).tolist()) == {0, 1, value}
+    files, image, mask = _volumes(tmp_path)
+    assert _extract(files, size=1).images.shape == (2, 2, 1, 1)
+    one = mask.copy()
+    one[0, 0, 4] = 1  # a single brain voxel on slice 4
+    save_nifti(one, np.eye(4), files["brainmask"], dtype=np.uint8)
+    assert _extract(files, min_brain_fraction=0.0).slice_index.tolist() == [1, 2, 3, 4]
+    save_nifti(mask, np.eye(4), files["brainmask"], dtype=np.uint8)
+    out = _extract(files, size=4)  # 3 x 6 slices, padded to 6 x 6, resized to 4 x 4
+    picks = np.ix_([0, 2, 3, 5], [0, 2, 3, 5])  # nearest-exact: floor((i + 0.5) * 1.5)
+    for k, index in enumerate(out.slice_index):
+        padded_mask = _pad_square(_oriented_slices(mask[:, :, [index]])[0])
+        np.testing.assert_array_equal(out.brainmask[k], padded_mask[picks])
+        for channel, sign in ((0, -1), (1, 1)):  # sequences t2 (= -t1), t1
+            padded = _pad_square(_oriented_slices(sign * image[:, :, [index]])[0])
+            pillow = Image.fromarray(padded.astype(np.float32), mode="F").resize(
+                (4, 4), Image.BILINEAR
+            )
+            expected = np.where(padded_mask[picks] > 0, np.asarray(pillow), 0)
+            np.testing.assert_allclose(out.images[k, channel], expected, rtol=1e-5, atol=1e-4)
+    other = np.eye(4)
+    other[0, 3] = 5.0
+    save_nifti(np.zeros((X, Y, Z), np.uint8), other, files["seg"], dtype=np.uint8)
+    with pytest.raises(InputError, match=r"seg\.nii\.gz: affine differs from its image .*t2\.nii"):
+        _extract(files)
+
+
+def test_ignore_mask_is_resized_as_labels(tmp_path):
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[:, :, 1] = 9
+    seg[2:, :, 1] = 1
+    files, _, _ = _volumes(tmp_path, seg_values=seg)
+    out = _extract(files, size=4, ignore_labels=[9], lesion_labels=[1])
+    from brainuad.slices.extract import _oriented_slices, _pad_square
+
+    picks = np.ix_([0, 2, 3, 5], [0, 2, 3, 5])
+    expected = _pad_square(_oriented_slices((seg[:, :, [1]] == 9).astype(np.uint8))[0])[picks]
+    np.testing.assert_array_equal(out.ignore[0], expected)
+    np.testing.assert_array_equal(
+        out.seg[0], _pad_square(_oriented_slices(seg[:, :, [1]] == 1)[0])[picks]
+    )
