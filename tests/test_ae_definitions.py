@@ -5,8 +5,6 @@ channels. A recording stand-in for the network keeps each test to milliseconds."
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
@@ -35,12 +33,7 @@ def _batch(b=2, c=2, size=8):
 
 
 def test_defaults_and_recorded_hyperparameters():
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(ConvAutoencoder.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    assert defaults == {
+    assert ConvAutoencoder().hparams == {
         "in_channels": 1,
         "channels": (32, 64, 128, 256),
         "strides": (2, 2, 2, 2),
@@ -77,6 +70,10 @@ def test_defaults_and_recorded_hyperparameters():
     assert (network.dimensions, network.in_channels, network.out_channels) == (2, 2, 2)
     assert (network.channels, network.strides, network.num_res_units) == ([4, 8], [2, 1], 1)
     assert (network.norm, network.act) == ("INSTANCE", "PRELU")
+    adamw = ConvAutoencoder(**TINY, optimizer="adamw", weight_decay=0.5)
+    optimizer = adamw.configure_optimizer(1e-3)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.5
     other = ConvAutoencoder(**TINY, norm="BATCH", act="RELU").network
     assert (other.norm, other.act, other.num_res_units) == ("BATCH", "RELU", 0)
 
