@@ -129,6 +129,18 @@ def test_hyperparameters_are_recorded_and_checked():
     assert method.unet.block_out_channels == (8, 16)
     assert method.scheduler.num_train_timesteps == 1000
     assert DDPM(**TINY, num_train_timesteps=10, test_timestep=10).hparams["test_timestep"] == 10
+    # down- and upsampling by residual blocks (the paper's resblock_updown) or plain layers
+    for updown, down, up in [
+        (True, "DiffusionUNetResnetBlock", "DiffusionUNetResnetBlock"),
+        (False, "DiffusionUnetDownsample", "WrappedUpsample"),
+    ]:
+        unet = DDPM(**TINY, resblock_updown=updown).unet
+        assert type(unet.down_blocks[0].downsampler).__name__ == down
+        assert type(unet.up_blocks[0].upsampler).__name__ == up
+    attention = DDPM(**{**TINY, "attention_levels": [0, 1]})
+    assert attention.hparams["attention_levels"] == (False, True)
+    adamw = DDPM(**TINY, optimizer="adamw", weight_decay=0.1).configure_optimizer(1e-4)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.1
     for bad, match in [
         ({"test_timestep": 0}, r"test_timestep=0, expected 1 … num_train_timesteps \(1000\)"),
         ({"test_timestep": 11, "num_train_timesteps": 10}, r"test_timestep=11"),
@@ -226,14 +238,14 @@ def test_scoring_is_one_x0_prediction_at_the_test_timestep(noise):
         test_timestep=test_timestep,
         score_seed=7,
     )
-    images = _batch(b=2, c=2, size=8)["image"]
-    out = method.score(images, torch.ones(2, 1, 8, 8))
+    images = _batch(b=3, c=2, size=8)["image"]
+    out = method.score(images, torch.ones(3, 1, 8, 8))
     (noisy, t), *more = method.unet.calls
     assert not more  # one step, no reverse chain
-    assert t.tolist() == [test_timestep - 1] * 2  # 1-based test_timestep, 0-based index
+    assert t.tolist() == [test_timestep - 1] * 3  # 1-based test_timestep, 0-based index
     generator = torch.Generator().manual_seed(7)
-    index = torch.full((2,), test_timestep - 1)
-    eps = build_noise(noise, **settings)((2, 2, 8, 8), index, generator=generator)
+    index = torch.full((3,), test_timestep - 1)
+    eps = build_noise(noise, **settings)((3, 2, 8, 8), index, generator=generator)
     expected = _q_sample(images * 2 - 1, eps, index, steps)
     torch.testing.assert_close(noisy, expected, atol=1e-5, rtol=1e-5)
     reconstruction = (0.5 * noisy - 0.25 + 1) / 2
