@@ -844,7 +844,9 @@ def test_a_weight_without_gradient_in_a_step_stays_put(tmp_path):
     assert first < 0.5 and second == first and third < second and fourth == third
 
 
-def test_progress_bar_shows_the_stage_and_the_steps(tmp_path, capsys):
+def test_progress_bar_shows_the_stage_and_the_steps(tmp_path, capsys, monkeypatch):
+    # no tqdm monitor thread: a process forked while it holds tqdm's lock would hang
+    monkeypatch.setattr(loop.tqdm, "monitor_interval", 0)
     train(
         _TwoStage(),
         _slices(6),
