@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -845,8 +846,10 @@ def test_a_weight_without_gradient_in_a_step_stays_put(tmp_path):
 
 
 def test_progress_bar_shows_the_stage_and_the_steps(tmp_path, capsys, monkeypatch):
-    # no tqdm monitor thread: a process forked while it holds tqdm's lock would hang
+    # tqdm's default lock is a process-shared semaphore and it starts a monitor thread: a
+    # process forked while either holds it (mutation runs fork each test run) would hang
     monkeypatch.setattr(loop.tqdm, "monitor_interval", 0)
+    monkeypatch.setattr(loop.tqdm, "_lock", threading.RLock())
     train(
         _TwoStage(),
         _slices(6),
