@@ -849,7 +849,7 @@ def test_progress_bar_shows_the_stage_and_the_steps(tmp_path, capsys, monkeypatc
     # tqdm's default lock is a process-shared semaphore and it starts a monitor thread: a
     # process forked while either holds it (mutation runs fork each test run) would hang
     monkeypatch.setattr(loop.tqdm, "monitor_interval", 0)
-    monkeypatch.setattr(loop.tqdm, "_lock", threading.RLock())
+    monkeypatch.setattr(loop.tqdm, "_lock", threading.RLock(), raising=False)
     train(
         _TwoStage(),
         _slices(6),
