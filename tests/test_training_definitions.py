@@ -239,6 +239,8 @@ def test_log_is_cut_at_the_resumed_step(tmp_path):
     ("field", "value", "match"),
     [
         ("validate_every", 0, r"TrainingRun.validate_every=0, expected an integer ≥ 1"),
+        ("checkpoint_every", 0, r"TrainingRun.checkpoint_every=0, expected an integer ≥ 1"),
+        ("batch_size", 0, r"TrainingRun.batch_size=0, expected an integer ≥ 1"),
         ("validation_batches", 0, r"TrainingRun.validation_batches=0"),
         ("max_steps", 2.5, r"TrainingRun.max_steps=2.5"),
         ("learning_rate", 0.0, r"TrainingRun.learning_rate=0.0, expected > 0"),
@@ -261,6 +263,8 @@ def test_training_run_defaults_and_paths(tmp_path):
     assert (run.sampler, run.score_checkpoint, run.device) == ("slices", "last", "auto")
     assert run.mixed_precision is True and run.num_workers == 0
     TrainingRun(tmp_path / "c.pt", tmp_path / "l.csv", max_steps=1, batch_size=1, num_workers=0)
+    for sampler in ("slices", "volumes", "balanced"):
+        TrainingRun(tmp_path / "c.pt", tmp_path / "l.csv", max_steps=1, sampler=sampler)
 
 
 def test_checkpoint_write_failing_half_way_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -656,7 +660,7 @@ def test_checkpoint_of_another_format_is_refused(tmp_path):
         train(_OneWeight(), _slices(4), None, run)
 
 
-def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path):
+def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
     data = _slices(7)
     whole = _run(tmp_path / "whole")
     train(_OneWeight(), data, None, whole)
@@ -664,16 +668,24 @@ def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path):
     train(_OneWeight(), data, None, run)  # checkpoints at 2, 4, 5: previous holds step 4
     data_bytes = run.checkpoint_path.read_bytes()
     run.checkpoint_path.write_bytes(data_bytes[: len(data_bytes) // 2])  # killed mid-write
-    summary = train(_OneWeight(), data, None, run)
+    with caplog.at_level(logging.WARNING):
+        summary = train(_OneWeight(), data, None, run)
     assert (summary["start_step"], summary["steps_run"]) == (4, 1)
+    previous = run.checkpoint_path.with_name("last.previous.pt")
+    assert f"resuming from the previous checkpoint {previous}" in caplog.messages
+    assert any("not a readable brainuad training checkpoint" in m for m in caplog.messages)
     assert read_log(run.log_path)[-1]["train_loss"] == read_log(whole.log_path)[-1]["train_loss"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(_OneWeight(), data, None, _run(tmp_path / "cut", max_steps=6))
+    assert not any("previous" in m for m in caplog.messages)  # the last one is readable
 
 
 def test_best_weights_are_scored_when_asked(tmp_path, caplog):
     data, val = _slices(7), _slices(3)
     run = _run(tmp_path, score_checkpoint="best", validate_every=1, checkpoint_every=1)
     weights = []
-    method = _ScriptedValidation(script=[3.0, 1.0, 2.0, 4.0, 5.0])
+    method = _ScriptedValidation(script=[3.0, 1.0, 1.0, 4.0, 5.0])  # a tie: the first stays
     summary = train(
         method, data, val, run, on_step=lambda step, loss: weights.append(float(method.w.detach()))
     )
@@ -762,7 +774,9 @@ def test_train_uses_the_runs_sampler_augmentation_and_workers(tmp_path):
     assert all(torch.equal(b["image"], torch.stack([x["image"] for x in val])) for b in validated)
     # DataLoader worker processes read the training slices
     workers = _Recorder()
-    train(workers, _PidSlices(6), None, _run(tmp_path / "w", max_steps=2, num_workers=1))
+    run = _run(tmp_path / "w", max_steps=2, num_workers=1, validate_every=1)
+    train(workers, _PidSlices(6), _PidSlices(3), run)
+    assert {b["training"] for b in workers.seen} == {True, False}
     assert all(os.getpid() not in b["pid"].tolist() for b in workers.seen)
 
 
@@ -781,6 +795,7 @@ class _TwoStage(_OneWeight):
         self.schedules: list[tuple[int, str]] = []
 
     def stage_loss(self, stage, batch):
+        self.losses = [*getattr(self, "losses", []), (stage, self.training)]
         x = batch["image"].float().mean(dim=(1, 2, 3))[:, None]
         layer = self.first if stage == "pretrain" else self.second
         return ((layer(x) - 1) ** 2).mean()
@@ -800,10 +815,11 @@ def test_a_stage_trains_its_own_parameters_with_its_own_schedule(tmp_path):
     method = _TwoStage()
     first, second = method.first.weight.clone(), method.second.weight.clone()
     run = _run(tmp_path, max_steps=3)
-    summary = train(method, _slices(6), None, run, stage="pretrain")
+    summary = train(method, _slices(6), _slices(2), run, stage="pretrain")
     assert not torch.equal(method.first.weight, first)  # the stage's module learns
     assert torch.equal(method.second.weight, second)  # the other is left alone
     assert method.schedules == [(3, "pretrain")]
+    assert set(method.losses) == {("pretrain", True), ("pretrain", False)}  # validated too
     assert {h[1] for h in method.hooks} == {"pretrain"} and summary["stage"] == "pretrain"
     assert torch.load(run.checkpoint_path, weights_only=True)["stage"] == "pretrain"
 
@@ -859,9 +875,10 @@ def test_progress_bar_shows_the_stage_and_the_steps(tmp_path, capsys, monkeypatc
     )
     shown = capsys.readouterr().err
     assert "train one_weight (pretrain)" in shown and "3/3" in shown
-    train(_OneWeight(), _slices(6), None, _run(tmp_path / "m", max_steps=2, progress=True))
+    train(_OneWeight(), _slices(6), _slices(2), _run(tmp_path / "m", max_steps=2, progress=True))
     shown = capsys.readouterr().err
     assert "train one_weight:" in shown and "2/2" in shown and "(model)" not in shown
+    assert "loss=" in shown and "val=" in shown
     train(_OneWeight(), _slices(6), None, _run(tmp_path / "q", max_steps=2))
     assert capsys.readouterr().err == ""
 
