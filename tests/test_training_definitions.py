@@ -363,6 +363,7 @@ def _slices(n: int, start: float = 0.0) -> list[dict]:
             "image": torch.full((1, 2, 2), (start + i + 1) / n),
             "brainmask": torch.ones(1, 2, 2),
             "label": i % 2,
+            "subject": f"sub-{i}",  # not a tensor: handed on as it is
         }
         for i in range(n)
     ]
@@ -758,6 +759,7 @@ def test_train_uses_the_runs_sampler_augmentation_and_workers(tmp_path):
         item.update(data[index])
     train(balanced, labelled, None, _run(tmp_path / "b", batch_size=4, sampler="balanced"))
     assert all(batch["label"].tolist() == [0, 0, 1, 1] for batch in balanced.seen)
+    assert all(len(batch["subject"]) == 4 for batch in balanced.seen)
     # intensity augmentation (a random gamma on every slice): training batches only
     augmented = _Recorder()
     settings = {"gamma_p": 1.0, "bias_field_p": 0.0, "blur_p": 0.0, "ghosting_p": 0.0}
