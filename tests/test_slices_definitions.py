@@ -65,6 +65,8 @@ def test_writer_follows_the_contract(slice_path):
             assert f[name].dtype == np.uint8 and f[name].chunks == (1, H, W)
             assert f[name].compression == "lzf"
         assert f["label"].dtype == np.uint8 and f["slice_index"].dtype == np.int32
+        for name in ("label", "slice_index", "subject"):  # 1-D columns: larger chunks
+            assert f[name].chunks == (1024,), name
         # label: at least min_lesion_pixels (3) lesion pixels
         assert f["label"][:].tolist() == [0, 0, 1, 1, 0]
         assert set(np.unique(f["brainmask"][:])) == {0, 1}
@@ -176,15 +178,24 @@ def test_slice_file_refuses_other_files(tmp_path, slice_path):
     missing = tmp_path / "m.h5"
     with h5py.File(missing, "w") as f:
         f.create_dataset("images", data=np.zeros((1, 1, 2, 2)))
-    expected = r"m.h5: .*missing \[.attrs\[.sequences.\]., 'brainmask', 'label'"
+    expected = (
+        r"m\.h5: not a readable slice file \(HDF5, brainuad\.slices\.hdf5\) "
+        r"\(missing \[.attrs\[.sequences.\]., 'brainmask', 'label'"
+    )
     with pytest.raises(InputError, match=expected):
         SliceFile(missing)
     with h5py.File(slice_path, "a") as f:
         f.attrs["contract_version"] = CONTRACT_VERSION + 1
     with pytest.raises(
-        InputError, match=f"contract_version {CONTRACT_VERSION + 1}, this version reads"
+        InputError,
+        match=rf"slice file \(HDF5, brainuad\.slices\.hdf5\) \(contract_version "
+        rf"{CONTRACT_VERSION + 1}, this version reads",
     ):
         SliceFile(slice_path)
+    text = tmp_path / "t.h5"
+    text.write_text("not HDF5")
+    with pytest.raises(InputError, match=r"t\.h5: not a readable slice file \(HDF5, brainuad"):
+        SliceFile(text)
 
 
 def test_slice_dataset_items_and_selections(slice_path):
@@ -221,9 +232,10 @@ def test_concatenated_datasets_index_across_parts(slice_path):
     assert both.subjects.tolist() == ["ixi/b"] * 3 + ["brats/a"] * 2
     assert both.labels.tolist() == [0, 0, 1, 1, 0]
     assert [both[i]["row"] for i in range(5)] == [0, 1, 2, 3, 4]
-    with pytest.raises(InputError, match="one name per part, at least one part"):
+    message = r"^ConcatSliceDataset: expected one name per part, at least one part$"
+    with pytest.raises(InputError, match=message):
         ConcatSliceDataset([first], ["a", "b"])
-    with pytest.raises(InputError, match="one name per part, at least one part"):
+    with pytest.raises(InputError, match=message):
         ConcatSliceDataset([], [])
 
 
@@ -406,3 +418,200 @@ def test_build_slice_file_records_settings_and_counts(tmp_path):
             min_brain_fraction=0.5,
             attrs={},
         )
+
+
+def test_slice_voxel_spacing_is_the_padded_side_over_the_size():
+    """A slice of an (R, A) = (40, 48) grid at 1.5 mm is padded to 48 × 48 and resized to
+    32 px: a pixel spans 48 · 1.5 / 32 = 2.25 mm; slices stay 1.5 mm apart. The larger
+    in-plane side decides, whichever axis it is; the third (slice) axis never does."""
+    from brainuad.slices.extract import slice_voxel_spacing
+
+    spacing = slice_voxel_spacing(resolution_mm=1.5, volume_shape=(40, 48, 40), size=32)
+    assert spacing == (1.5, 2.25, 2.25) and all(type(v) is float for v in spacing)
+    assert slice_voxel_spacing(resolution_mm=2, volume_shape=(60, 48, 90), size=32) == (
+        2.0,
+        3.75,
+        3.75,
+    )
+    assert slice_voxel_spacing(resolution_mm=1, volume_shape=(8, 8, 4), size=16) == (
+        1.0,
+        0.5,
+        0.5,
+    )
+
+
+def test_readers_take_any_row_list_and_name_the_file_when_it_breaks(slice_path):
+    """Rows may come as a list, an int32 array or nothing at all (an empty selection reads
+    nothing); unknown subjects are listed (the first five, sorted); a file damaged after
+    the reader opened it fails with a message naming it (HDF5 datasets read lazily)."""
+    from brainuad.errors import CorruptFileError
+
+    slices = SliceFile(slice_path)
+    empty = slices.read([])
+    assert empty["images"].shape == (0, 2, H, W) and empty["row"].dtype == np.int64
+    assert slices.read(np.array([4, 1], dtype=np.int32))["row"].dtype == np.int64
+    none = SliceDataset(slice_path, rows=[])
+    assert len(none) == 0 and none.rows.dtype == np.int64 and none.subjects.tolist() == []
+    with pytest.raises(InputError, match=r"not in slice file: \['c', 'd', 'e', 'f', 'g'\]$"):
+        slices.rows_for_subjects(["a", "h", "g", "f", "e", "d", "c"])
+    dataset = SliceDataset(slice_path)
+    slices.close()
+    with h5py.File(slice_path, "a") as f:  # damaged after the readers checked it
+        del f["brainmask"]
+    what = r"s\.h5: not a readable slice file \(HDF5, brainuad\.slices\.hdf5\) \(KeyError"
+    with pytest.raises(CorruptFileError, match=what):
+        slices.read([0])
+    with pytest.raises(CorruptFileError, match=what):
+        dataset[0]
+
+
+def test_build_slice_file_label_rules_and_messages(tmp_path):
+    """Only ``lesion_labels`` count as lesion, a slice with exactly ``min_lesion_pixels`` of
+    them is a lesion slice (in the file and in the counts, slice by slice), and a subject
+    lacking a sequence is named with the sequences it has."""
+    from brainuad.slices.extract import build_slice_file
+
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[:2, :, 1] = 1  # slice 1: 6 pixels of label 1
+    seg[:2, :, 2] = 2  # slice 2: 6 pixels of label 2 and one of label 1
+    seg[2, 0, 2] = 1
+    files, _, _ = _volumes(tmp_path, seg_values=seg)
+    options = {"sequences": ["t1"], "size": 6, "min_brain_fraction": 0.5, "attrs": {}}
+    only_2 = build_slice_file(
+        out_path=tmp_path / "two.h5",
+        subjects={"s": files},
+        min_lesion_pixels=6,
+        lesion_labels=[2],
+        **options,
+    )
+    assert only_2["per_subject"] == {"s": {"n_slices": 2, "n_lesion_slices": 1}}
+    slices = SliceFile(tmp_path / "two.h5")
+    assert slices.labels.tolist() == [0, 1] and slices.attrs["min_lesion_pixels"] == 6
+    stored = slices.read([0, 1])["seg"]
+    assert stored[0].max() == 0 and set(np.unique(stored[1]).tolist()) == {0, 2}
+    both = build_slice_file(
+        out_path=tmp_path / "both.h5",
+        subjects={"s": files},
+        min_lesion_pixels=6,
+        lesion_labels=[1, 2],
+        **options,
+    )
+    assert both["n_lesion_slices"] == 2 and SliceFile(tmp_path / "both.h5").labels.tolist() == [
+        1,
+        1,
+    ]
+    message = r"^subject s: images: missing sequence\(s\) \['flair'\]; given \['t1', 't2'\]"
+    with pytest.raises(InputError, match=message):
+        build_slice_file(
+            out_path=tmp_path / "x.h5",
+            subjects={"s": files},
+            **{**options, "sequences": ["t1", "flair"]},
+        )
+
+
+def test_square_padding_and_resizing_by_hand():
+    """Padding is symmetric (the odd pixel at the end); label maps are resized by
+    nearest-exact (source pixel floor((i + 0.5) · in / out)), images bilinearly, and every
+    stack is resized, whatever its number of channels."""
+    from brainuad.slices.extract import _pad_square, _resize
+
+    tall = np.ones((1, 1, 6, 1))
+    wide = np.ones((1, 1, 1, 6))
+    np.testing.assert_array_equal(_pad_square(tall)[0, 0].sum(axis=0), [0, 0, 6, 0, 0, 0])
+    np.testing.assert_array_equal(_pad_square(wide)[0, 0].sum(axis=1), [0, 0, 6, 0, 0, 0])
+    labels = np.arange(36, dtype=np.float32).reshape(1, 1, 6, 6)
+    picked = [0, 2, 3, 5]  # floor((i + 0.5) * 1.5)
+    np.testing.assert_array_equal(
+        _resize(labels, 4, labels=True)[0, 0], labels[0, 0][np.ix_(picked, picked)]
+    )
+    two_channels = np.stack([labels[0, 0], -labels[0, 0]])[None]  # [1, 2, 6, 6]
+    out = _resize(two_channels, 2, labels=False)
+    assert out.shape == (1, 2, 2, 2)
+    np.testing.assert_allclose(out[0, 1], -out[0, 0])
+    assert _resize(two_channels, 6, labels=False) is two_channels
+
+
+def test_empty_writer_and_writer_outside_its_block(tmp_path):
+    """A slice file with no subject has every per-row dataset empty (N = 0 throughout);
+    appending outside the ``with`` block is refused; an ignore value of 1 is an ignored
+    pixel."""
+    path = tmp_path / "empty.h5"
+    with SliceWriter(path, sequences=["t2"], height=H, width=W, with_ignore=True):
+        pass
+    with h5py.File(path, "r") as f:
+        assert {name: f[name].shape[0] for name in f} == dict.fromkeys(
+            ("brainmask", "ignore", "images", "label", "seg", "slice_index", "subject"), 0
+        )
+    writer = SliceWriter(tmp_path / "x.h5", sequences=["t2"], height=H, width=W)
+    images, brain, seg = _subject(1, 0, [1])
+    with pytest.raises(AssertionError, match=r"^use SliceWriter as a context manager$"):
+        writer.append_subject("s", images[:, :1], brain, seg, np.arange(1))
+    with SliceWriter(tmp_path / "i.h5", sequences=["t2"], height=H, width=W, with_ignore=True) as w:
+        w.append_subject("s", images[:, :1], brain, seg, np.arange(1), ignore=seg.clip(0, 1))
+    assert SliceFile(tmp_path / "i.h5").read([0])["ignore"].sum() == 1
+
+
+def test_extraction_boundaries_messages_and_resampling_against_pillow(tmp_path):
+    """Label values 0..255 (also stored as integral floats) are accepted, 256 is not; one
+    brain voxel keeps a slice at min_brain_fraction 0; a grid mismatch names both files;
+    images are resized as Pillow's antialiased bilinear resize, masks by nearest-exact."""
+    from PIL import Image
+
+    from brainuad.io.nifti import save_nifti
+    from brainuad.slices.extract import _oriented_slices, _pad_square
+
+    with pytest.raises(
+        InputError, match=r"^sequences: expected at least one sequence name, got none$"
+    ):
+        _extract(_volumes(tmp_path)[0], sequences=[])
+    cases = {"float": (np.float32, 2), "max": (np.int16, 255), "over": (np.int16, 256)}
+    for name, (dtype, value) in cases.items():
+        seg = np.zeros((X, Y, Z), dtype)
+        seg[0, 0, 1], seg[1, 0, 1] = value, 1
+        (tmp_path / name).mkdir()
+        files, _, _ = _volumes(tmp_path / name, seg_values=seg, seg_dtype=dtype)
+        if name == "over":
+            with pytest.raises(InputError, match=r"values span 0..256, expected 0..255"):
+                _extract(files)
+        else:
+            assert set(np.unique(_extract(files).seg).tolist()) == {0, 1, value}
+    files, image, mask = _volumes(tmp_path)
+    assert _extract(files, size=1).images.shape == (2, 2, 1, 1)
+    one = mask.copy()
+    one[0, 0, 4] = 1  # a single brain voxel on slice 4
+    save_nifti(one, np.eye(4), files["brainmask"], dtype=np.uint8)
+    assert _extract(files, min_brain_fraction=0.0).slice_index.tolist() == [1, 2, 3, 4]
+    save_nifti(mask, np.eye(4), files["brainmask"], dtype=np.uint8)
+    out = _extract(files, size=4)  # 3 x 6 slices, padded to 6 x 6, resized to 4 x 4
+    picks = np.ix_([0, 2, 3, 5], [0, 2, 3, 5])  # nearest-exact: floor((i + 0.5) * 1.5)
+    for k, index in enumerate(out.slice_index):
+        padded_mask = _pad_square(_oriented_slices(mask[:, :, [index]])[0])
+        np.testing.assert_array_equal(out.brainmask[k], padded_mask[picks])
+        for channel, sign in ((0, -1), (1, 1)):  # sequences t2 (= -t1), t1
+            padded = _pad_square(_oriented_slices(sign * image[:, :, [index]])[0])
+            pillow = Image.fromarray(padded.astype(np.float32), mode="F").resize(
+                (4, 4), Image.BILINEAR
+            )
+            expected = np.where(padded_mask[picks] > 0, np.asarray(pillow), 0)
+            np.testing.assert_allclose(out.images[k, channel], expected, rtol=1e-5, atol=1e-4)
+    other = np.eye(4)
+    other[0, 3] = 5.0
+    save_nifti(np.zeros((X, Y, Z), np.uint8), other, files["seg"], dtype=np.uint8)
+    with pytest.raises(InputError, match=r"seg\.nii\.gz: affine differs from its image .*t2\.nii"):
+        _extract(files)
+
+
+def test_ignore_mask_is_resized_as_labels(tmp_path):
+    seg = np.zeros((X, Y, Z), np.uint8)
+    seg[:, :, 1] = 9
+    seg[2:, :, 1] = 1
+    files, _, _ = _volumes(tmp_path, seg_values=seg)
+    out = _extract(files, size=4, ignore_labels=[9], lesion_labels=[1])
+    from brainuad.slices.extract import _oriented_slices, _pad_square
+
+    picks = np.ix_([0, 2, 3, 5], [0, 2, 3, 5])
+    expected = _pad_square(_oriented_slices((seg[:, :, [1]] == 9).astype(np.uint8))[0])[picks]
+    np.testing.assert_array_equal(out.ignore[0], expected)
+    np.testing.assert_array_equal(
+        out.seg[0], _pad_square(_oriented_slices(seg[:, :, [1]] == 1)[0])[picks]
+    )
