@@ -65,7 +65,7 @@ UNIT_TESTS: dict[str, list[str]] = {
     ],
     "methods/intensity.py": ["tests/test_intensity_definitions.py"],
     "methods/pddpm.py": ["tests/test_pddpm.py", "tests/test_pddpm_definitions.py"],
-    "methods/anoddpm.py": ["tests/test_anoddpm.py"],
+    "methods/anoddpm.py": ["tests/test_anoddpm.py", "tests/test_anoddpm_definitions.py"],
     "methods/autoddpm.py": ["tests/test_autoddpm.py"],
     "methods/cddpm.py": ["tests/test_cddpm.py"],
     "methods/wolleb.py": ["tests/test_wolleb.py", "tests/test_ema_methods.py"],
