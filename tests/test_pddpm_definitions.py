@@ -14,11 +14,14 @@ from brainuad.methods.base import reconstruction_loss
 from brainuad.methods.pddpm import grid_patch_masks
 
 
-@pytest.mark.parametrize("noise", ["gaussian", "simplex_3d"])
-def test_training_loss_by_hand(noise: str) -> None:
+@pytest.mark.parametrize(("noise", "region"), [("gaussian", "brain"), ("simplex_3d", "image")])
+def test_training_loss_by_hand(noise: str, region: str) -> None:
     method = build_method(
-        "pddpm", **PDDPM_TINY | {"noise": noise, "loss": "l2", "loss_region": "brain"}
+        "pddpm", **PDDPM_TINY | {"noise": noise, "loss": "l2", "loss_region": region}
     )
+    network = method.forward
+    seen = []
+    method.forward = lambda x, timesteps: seen.append(timesteps.clone()) or network(x, timesteps)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(3, 1, 32, 32, generator=generator)
     brainmask = torch.zeros(3, 1, 32, 32)
@@ -33,11 +36,12 @@ def test_training_loss_by_hand(noise: str) -> None:
     chosen = masks[torch.randint(0, masks.shape[0], (3,))]
     noised = method.scheduler.add_noise(x0, method._draw_noise(x0, t), t)
     with torch.no_grad():
-        predicted = method(torch.where(chosen, noised, x0), t)
+        predicted = network(torch.where(chosen, noised, x0), t)
     expected = reconstruction_loss(
-        torch.where(chosen, predicted, x0), x0, brainmask, loss="l2", region="brain"
+        torch.where(chosen, predicted, x0), x0, brainmask, loss="l2", region=region
     )
     torch.testing.assert_close(loss.detach(), expected)
+    assert torch.equal(seen[0], t)  # t uniform in [0, T), as drawn here
 
 
 def test_scoring_noise_follows_the_test_timestep() -> None:
@@ -93,8 +97,8 @@ def test_defaults_are_the_references_and_settings_pass_through() -> None:
         "num_train_timesteps": 200,
         "schedule": "linear_beta",
         "test_timestep": 100,
-        "noise": "gaussian",
-        "noise_settings": {},
+        "noise": "simplex",
+        "noise_settings": {"octaves": 3, "frequency": 8},
         "loss": "l2",
         "loss_region": "brain",
         "score_seed": 7,

@@ -93,6 +93,7 @@ def test_settings_are_passed_to_the_network_and_optimiser() -> None:
         optimizer="adamw",
         weight_decay=0.01,
     )
+    assert (method.hparams["act"], method.hparams["norm"]) == ("PRELU", "BATCH")
     modules = list(method.network.modules())
     assert any(isinstance(m, torch.nn.PReLU) for m in modules)
     assert not any(isinstance(m, torch.nn.LeakyReLU) for m in modules)
