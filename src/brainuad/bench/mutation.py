@@ -179,10 +179,11 @@ def single_threaded_env() -> dict[str, str]:
         env[name] = "1"
     # numba's OpenMP layer would share (and resize) torch's libgomp pool: simplex noise
     # before a fork hung the children the same way
+    # (with numba's default layer a forked child could also end by SIGTERM, counted as
+    # "suspicious"; on the workqueue layer none did in the simplex-noise methods' runs, and
+    # NUMBA_DISABLE_JIT, which also avoids it, makes their tests too slow for hundreds of
+    # mutants)
     env["NUMBA_THREADING_LAYER"] = "workqueue"
-    # numba-compiled simplex noise (opensimplex) can also end a forked child with SIGTERM
-    # (counted as "suspicious"); without the JIT it runs as plain Python, same values
-    env["NUMBA_DISABLE_JIT"] = "1"
     return env
 
 
