@@ -184,3 +184,64 @@ def test_hyperparameter_edges_and_messages() -> None:
     for extra, message in cases:
         with pytest.raises(InputError, match=message):
             build_method("anoddpm", **base | extra)
+
+
+def test_hyperparameters_are_recorded_and_reach_the_parts() -> None:
+    assert build_method("anoddpm").hparams == {
+        "in_channels": 1,
+        "channels": (128, 128, 256, 384, 512),
+        "attention_levels": (False, False, False, True, True),
+        "num_res_blocks": 2,
+        "num_heads": 2,
+        "norm_num_groups": 32,
+        "resblock_updown": True,
+        "num_train_timesteps": 1000,
+        "train_max_timestep": 800,
+        "test_timestep": 250,
+        "reverse_steps": None,
+        "noise": "simplex_3d",
+        "noise_settings": {},
+        "clamp": "x_t",
+        "ema_decay": 0.9999,
+        "gradient_clip_norm": 1.0,
+        "optimizer": "adamw",
+        "weight_decay": 0.0,
+        "score_seed": 0,
+    }
+    settings = {
+        "in_channels": 2,
+        "channels": (8, 16),
+        "attention_levels": (False, True),
+        "num_res_blocks": 2,
+        "num_heads": 2,
+        "norm_num_groups": 4,
+        "resblock_updown": False,
+        "num_train_timesteps": 300,
+        "train_max_timestep": 200,
+        "test_timestep": 20,
+        "reverse_steps": 5,
+        "noise": "simplex",
+        "noise_settings": {"octaves": 2},
+        "clamp": "x0",
+        "ema_decay": 0.9,
+        "gradient_clip_norm": 0.5,
+        "optimizer": "adam",
+        "weight_decay": 0.01,
+        "score_seed": 4,
+    }
+    method = build_method("anoddpm", **settings)
+    assert method.hparams == settings
+    assert method.noise.settings()["kind"] == "simplex"
+    assert method.noise.settings()["octaves"] == 2
+    assert method.ema.decay == 0.9
+    assert type(method.configure_optimizer(1e-4)) is torch.optim.Adam
+    assert method.scheduler.num_train_timesteps == 300
+    assert method.scheduler.prediction_type == "epsilon"
+    # BigGAN-style residual up/down-sampling adds the resampling residual blocks' weights
+    with_resblocks = build_method("anoddpm", **settings | {"resblock_updown": True})
+    count = lambda m: sum(p.numel() for p in m.unet.parameters())  # noqa: E731
+    assert count(with_resblocks) > count(method)
+    assert method.hparams["resblock_updown"] is False
+    with pytest.raises(InputError, match=r"\bnoise\b"):
+        build_method("anoddpm", **ANODDPM_TINY | {"noise": "SIMPLEX"})
+    build_method("anoddpm", **ANODDPM_TINY | {"noise": "simplex", "optimizer": "adam"})
