@@ -68,7 +68,11 @@ UNIT_TESTS: dict[str, list[str]] = {
     "methods/anoddpm.py": ["tests/test_anoddpm.py", "tests/test_anoddpm_definitions.py"],
     "methods/autoddpm.py": ["tests/test_autoddpm.py"],
     "methods/cddpm.py": ["tests/test_cddpm.py"],
-    "methods/wolleb.py": ["tests/test_wolleb.py", "tests/test_ema_methods.py"],
+    "methods/wolleb.py": [
+        "tests/test_wolleb.py",
+        "tests/test_wolleb_definitions.py",
+        "tests/test_ema_methods.py",
+    ],
     "methods/dae.py": ["tests/test_dae.py", "tests/test_dae_definitions.py"],
     "methods/vae.py": ["tests/test_vae.py", "tests/test_vae_definitions.py"],
     "preprocess/register.py": ["tests/test_register_definitions.py"],
@@ -151,7 +155,7 @@ def work_pyproject(root: Path, module: str, tests: list[str]) -> str:
     mutmut["source_paths"] = ["src"]
     mutmut["only_mutate"] = [f"src/brainuad/{module}"]
     mutmut["pytest_add_cli_args_test_selection"] = tests
-    mutmut.setdefault("also_copy", ["tests"])
+    mutmut.setdefault("also_copy", ["tests", "config"])
     return (
         toml_table("tool.pytest.ini_options", tool.get("pytest", {}).get("ini_options", {}))
         + "\n"
@@ -209,7 +213,7 @@ def run_module(
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        for name in ("src", "tests"):
+        for name in ("src", "tests", "config"):
             (work / name).symlink_to(root / name)
         (work / "pyproject.toml").write_text(work_pyproject(root, module, tests))
         subprocess.run(
