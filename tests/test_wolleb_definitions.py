@@ -90,3 +90,25 @@ def test_edges_are_allowed_and_bad_hyperparameters_named() -> None:
     for extra, message in cases:
         with pytest.raises(InputError, match=message):
             build_method("wolleb", **base | extra)
+
+
+def test_clipped_epsilon_and_ddim_move_by_their_formulas() -> None:
+    """guided-diffusion's ``clip_denoised``: x̂0 = (x − √(1−ᾱ) ε) / √ᾱ clipped to [−1, 1], and
+    ε re-derived from it, ε' = (x − √ᾱ x̂0) / √(1−ᾱ); the DDIM move from ᾱ to ᾱ' is
+    √ᾱ' x̂0 + √(1−ᾱ') ε (Song et al. 2021, eq. 12 with σ = 0)."""
+    method = build_method("wolleb", **WOLLEB_TINY)
+    alpha = 0.36  # √ᾱ = 0.6, √(1−ᾱ) = 0.8
+    x = torch.tensor([0.3, 0.9, -0.9, 0.0, 0.5], dtype=torch.float64)
+    eps = torch.tensor([0.0, -0.6, 0.6, 0.5, -2.0], dtype=torch.float64)
+    x0 = (x - 0.8 * eps) / 0.6  # 0.5, 2.3, -2.3, -0.667, 3.5
+    clipped = x0.clamp(-1, 1)
+    assert clipped.tolist() == pytest.approx([0.5, 1.0, -1.0, -2 / 3, 1.0])
+    expected = (x - 0.6 * clipped) / 0.8
+    torch.testing.assert_close(method._clip_epsilon(x, eps, alpha), expected)
+    inside = (x0 > -1) & (x0 < 1)
+    torch.testing.assert_close(method._clip_epsilon(x, eps, alpha)[inside], eps[inside])
+    assert method._clip_epsilon(x, eps, 1.0) is eps  # no noise: nothing to clip
+    unclipped = build_method("wolleb", **WOLLEB_TINY | {"clip_denoised": False})
+    assert unclipped._clip_epsilon(x, eps, alpha) is eps
+    moved = method._ddim_move(x, eps, alpha, 0.64)
+    torch.testing.assert_close(moved, 0.8 * x0 + 0.6 * eps)
