@@ -190,6 +190,10 @@ def test_hyperparameter_edges_and_messages() -> None:
             build_method("anoddpm", **base | extra)
 
 
+def unet_size(method) -> int:
+    return sum(p.numel() for p in method.unet.parameters())
+
+
 def test_hyperparameters_are_recorded_and_reach_the_parts() -> None:
     assert build_method("anoddpm").hparams == {
         "in_channels": 1,
@@ -243,8 +247,7 @@ def test_hyperparameters_are_recorded_and_reach_the_parts() -> None:
     assert method.scheduler.prediction_type == "epsilon"
     # BigGAN-style residual up/down-sampling adds the resampling residual blocks' weights
     with_resblocks = build_method("anoddpm", **settings | {"resblock_updown": True})
-    count = lambda m: sum(p.numel() for p in m.unet.parameters())  # noqa: E731
-    assert count(with_resblocks) > count(method)
+    assert unet_size(with_resblocks) > unet_size(method)
     assert method.hparams["resblock_updown"] is False
     with pytest.raises(InputError, match=r"\bnoise\b"):
         build_method("anoddpm", **ANODDPM_TINY | {"noise": "SIMPLEX"})

@@ -176,7 +176,7 @@ def test_template_stripping_carries_the_template_mask_onto_the_head() -> None:
     mask = registration_brainmask(head, template, template_mask, random_seed=5)
     assert mask.dtype == bool and mask.shape == SHAPE
     assert dice(mask, truth) > 0.93
-    assert not (mask & shell).any() or (mask & shell).sum() < 0.05 * shell.sum()
+    assert (mask & shell).sum() < 0.05 * shell.sum()  # the skull stays outside
 
 
 def test_template_stripping_thresholds_the_interpolated_mask_at_one_half(monkeypatch) -> None:

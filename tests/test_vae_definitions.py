@@ -71,7 +71,7 @@ def test_defaults_are_the_references_networks_and_settings() -> None:
     assert optimizer.param_groups[0]["weight_decay"] == 0.0
 
 
-def test_decoder_output_is_linear_not_squashed(monkeypatch) -> None:
+def test_decoder_output_is_linear_not_squashed() -> None:
     """No sigmoid anywhere: with a large latent the decoder leaves [0, 1] (a sigmoid output,
     which the reference does not have, would stay inside)."""
     method = build_method("vae", **TINY_HPARAMS["vae"])

@@ -181,12 +181,10 @@ def single_threaded_env() -> dict[str, str]:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[name] = "1"
-    # numba's OpenMP layer would share (and resize) torch's libgomp pool: simplex noise
-    # before a fork hung the children the same way
-    # (with numba's default layer a forked child could also end by SIGTERM, counted as
-    # "suspicious"; on the workqueue layer none did in the simplex-noise methods' runs, and
-    # NUMBA_DISABLE_JIT, which also avoids it, makes their tests too slow for hundreds of
-    # mutants)
+    # numba's OpenMP layer shares (and resizes) torch's libgomp pool, and its default layer
+    # could end a forked child by SIGTERM; on the workqueue layer neither happened in the
+    # simplex-noise methods' runs (NUMBA_DISABLE_JIT avoids both too, but makes their tests
+    # too slow for hundreds of mutants)
     env["NUMBA_THREADING_LAYER"] = "workqueue"
     return env
 
