@@ -4,6 +4,7 @@ classifier, the EMA, the optimiser and the schedule; bad values are named."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_hparams import WOLLEB_TINY
@@ -112,3 +113,158 @@ def test_clipped_epsilon_and_ddim_move_by_their_formulas() -> None:
     assert unclipped._clip_epsilon(x, eps, alpha) is eps
     moved = method._ddim_move(x, eps, alpha, 0.64)
     torch.testing.assert_close(moved, 0.8 * x0 + 0.6 * eps)
+
+
+def test_networks_are_built_as_the_reference_builds_them() -> None:
+    """script_util.py: a class-conditional UNet over the 2 classes (healthy, lesion); the
+    classifier with residual down-sampling blocks and ``classifier_num_head_channels``
+    channels per attention head."""
+    from monai.networks.blocks import SABlock
+    from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
+
+    method = build_method("wolleb", **WOLLEB_TINY | {"classifier_num_head_channels": 4})
+    assert method.unet.class_embedding.num_embeddings == 2
+    heads = [m.num_heads for m in method.classifier.modules() if isinstance(m, SABlock)]
+    assert heads == [16 // 4]  # attention at the second level only, 16 channels
+    downsamplers = [block.downsampler for block in method.classifier.down_blocks]
+    assert all(isinstance(d, DiffusionUNetResnetBlock) for d in downsamplers)
+    with pytest.raises(InputError, match=r"classifier_attention_levels \(True,\) must have"):
+        build_method("wolleb", **WOLLEB_TINY | {"classifier_attention_levels": (True,)})
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in network: a plain function of its inputs that records its calls."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+        self.calls: list[tuple] = []
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((x.detach().clone(), t.clone(), class_labels))
+        return self.function(x, t, class_labels)
+
+
+def test_objective_by_hand() -> None:
+    """Both stages: x0 = 2·image − 1, t ~ U{0 … T−1} per sample, x_t = √ᾱ_t x0 +
+    √(1−ᾱ_t) ε; the UNet (given the slice labels) regresses ε with the MSE, the classifier
+    learns the labels with cross-entropy (classifier_train.py); training_loss is the UNet's."""
+    n_timesteps = 50
+    method = build_method(
+        "wolleb", **WOLLEB_TINY | {"num_train_timesteps": n_timesteps, "noise_level": 20}
+    )
+    method.unet = Recorder(
+        lambda x, t, y: 0.5 * x + 0.01 * t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1)
+    )
+    method.classifier = Recorder(lambda x, t, y=None: torch.stack([x.mean((1, 2, 3)), t / 10], 1))
+    images = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 1, 0])
+    batch = {"image": images, "label": labels}
+    alphas = method.scheduler.alphas_cumprod.double()
+
+    def draws(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        t = torch.randint(0, n_timesteps, (4,))
+        return t, torch.randn(4, 1, 6, 6)
+
+    def noised(t, noise):
+        a = alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * (2 * images.double() - 1) + (1 - a).sqrt() * noise.double()
+
+    t, noise = draws(7)
+    torch.manual_seed(7)
+    loss = method.stage_loss("model", batch)
+    x_t, seen_t, seen_labels = method.unet.calls[-1]
+    assert torch.equal(seen_t, t) and torch.equal(seen_labels, labels)
+    torch.testing.assert_close(x_t.double(), noised(t, noise), rtol=0, atol=1e-6)
+    predicted = 0.5 * x_t + 0.01 * t.view(-1, 1, 1, 1) + labels.view(-1, 1, 1, 1)
+    torch.testing.assert_close(loss, ((predicted - noise) ** 2).mean())
+
+    torch.manual_seed(7)
+    torch.testing.assert_close(method.training_loss(batch), loss)
+
+    t, noise = draws(8)
+    torch.manual_seed(8)
+    loss = method.stage_loss("classifier", batch)
+    x_t, seen_t, _ = method.classifier.calls[-1]
+    assert torch.equal(seen_t, t)
+    torch.testing.assert_close(x_t.double(), noised(t, noise), rtol=0, atol=1e-6)
+    logits = torch.stack([x_t.mean((1, 2, 3)), t / 10], 1)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
+    # the draws cover the whole range over many batches, t = 0 included
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        method.stage_loss("model", batch)
+        seen |= set(method.unet.calls[-1][1].tolist())
+    assert min(seen) == 0 and max(seen) == n_timesteps - 1
+    with pytest.raises(InputError, match=r"method 'wolleb': no loss for stage 'encoder'"):
+        method.stage_loss("encoder", batch)
+
+
+def test_scoring_chain_against_a_float64_transcription() -> None:
+    """Encode with y = 0 over the grid (a_0 = 1), decode backwards with
+    ε̂ = ε − √(1−a_k) · s · ∇ log p(y = 0 | x_k), both with the clipped-ε re-derivation,
+    then map Σ_c |x − x̂| and the reconstruction x̂ in [0, 1] — written out in numpy."""
+    n_timesteps, level, steps, scale = 100, 40, 4, 2.0
+    method = build_method(
+        "wolleb",
+        **WOLLEB_TINY
+        | {
+            "num_train_timesteps": n_timesteps,
+            "noise_level": level,
+            "ddim_steps": steps,
+            "guidance_scale": scale,
+        },
+    )
+    weights = torch.linspace(-1, 1, 2 * 3 * 3).view(1, 2, 3, 3)
+
+    def epsilon(x, t, y):
+        return 1.5 * x - 0.004 * t.view(-1, 1, 1, 1) + 0.3
+
+    def logits(x, t):  # log p(healthy) = −softplus(s), s = Σ w x + t / 100
+        s = (weights * x).sum((1, 2, 3)) + t / 100
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+    method.unet = Recorder(epsilon)
+    method.classifier = Recorder(lambda x, t, y=None: logits(x, t))
+    images = torch.rand(3, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+
+    alphas = method.scheduler.alphas_cumprod.double().numpy()
+    grid = [round(k * level / steps) for k in range(steps + 1)]
+    a = [1.0] + [float(alphas[t]) for t in grid[1:]]
+    w = weights.double().numpy()
+
+    def clipped(x, eps, alpha):
+        if alpha >= 1:
+            return eps
+        x0 = np.clip((x - np.sqrt(1 - alpha) * eps) / np.sqrt(alpha), -1, 1)
+        return (x - np.sqrt(alpha) * x0) / np.sqrt(1 - alpha)
+
+    def move(x, eps, alpha, alpha_to):
+        x0 = (x - np.sqrt(1 - alpha) * eps) / np.sqrt(alpha)
+        return np.sqrt(alpha_to) * x0 + np.sqrt(1 - alpha_to) * eps
+
+    def eps_np(x, t):
+        return 1.5 * x - 0.004 * t + 0.3
+
+    x = images.double().numpy() * 2 - 1
+    for k in range(steps):
+        x = move(x, clipped(x, eps_np(x, grid[k]), a[k]), a[k], a[k + 1])
+    for k in range(steps, 0, -1):
+        eps = clipped(x, eps_np(x, grid[k]), a[k])
+        s = (w * x).sum((1, 2, 3)) + grid[k] / 100
+        gradient = -(1 / (1 + np.exp(-s)))[:, None, None, None] * w
+        eps = eps - np.sqrt(1 - a[k]) * scale * gradient
+        x = move(x, eps, a[k], a[k - 1])
+    reconstruction = (x + 1) / 2
+    expected_map = np.abs(images.double().numpy() - reconstruction).sum(1)
+
+    out = method.score(images, torch.ones(3, 1, 3, 3))
+    np.testing.assert_allclose(out.reconstruction.numpy(), reconstruction, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out.anomaly_map.numpy(), expected_map, rtol=0, atol=1e-5)
+    assert out.anomaly_map.shape == (3, 3, 3)
+    timesteps = [int(t[0]) for _, t, _ in method.unet.calls]
+    assert timesteps == grid[:-1] + grid[:0:-1]
+    assert all(torch.equal(y, torch.zeros(3, dtype=torch.long)) for *_, y in method.unet.calls)
+    assert [int(t[0]) for _, t, _ in method.classifier.calls] == grid[:0:-1]
