@@ -93,6 +93,7 @@ UNIT_TESTS: dict[str, list[str]] = {
     # the UNet replaced by a recording stand-in: the objective, scaling, t range, scoring
     "methods/ddpm.py": ["tests/test_ddpm_definitions.py"],
     "methods/ae.py": ["tests/test_ae_definitions.py"],
+    "methods/base.py": ["tests/test_base_definitions.py"],
 }
 
 DOC = Path("docs/testing.md")
