@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import brainuad
-from brainuad.errors import InputError
+from brainuad.errors import CorruptFileError, InputError
 from brainuad.io.torchfile import load_torch, save_torch
 from brainuad.methods import Method, ScoreOutput, build_method
 from brainuad.methods.base import (
@@ -241,6 +241,9 @@ def test_model_file_holds_name_hparams_version_and_weights(tmp_path) -> None:
         InputError, match=r"m\.pt: holds method 'base_one_weight', expected 'base_two"
     ):
         TwoParts.load(tmp_path / "m.pt")
+    (tmp_path / "bytes.pt").write_bytes(b"truncated")  # neither zip nor pickle
+    with pytest.raises(CorruptFileError, match=r"bytes\.pt: not a readable brainuad model file"):
+        Method.load(tmp_path / "bytes.pt")
     save_torch({"format": "other/1", "name": "x"}, tmp_path / "other.pt")
     save_torch([1, 2], tmp_path / "list.pt")
     for name in ("other.pt", "list.pt"):

@@ -60,7 +60,15 @@ def load_torch(path: str | os.PathLike, what: str, map_location: str | torch.dev
     path = require_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        # the legacy (non-zip) reader pops an empty stack on bytes that are no pickle
+        IndexError,
+    ) as err:
         raise corrupt_file_error(path, what, err) from err
 
 
