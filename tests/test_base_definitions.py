@@ -119,6 +119,9 @@ def test_optimizer_of_a_stage() -> None:
     adam = build_method("base_one_weight").configure_optimizer(0.1)
     assert type(adam) is torch.optim.Adam
     assert adam.param_groups[0]["weight_decay"] == 0.0 and adam.param_groups[0]["lr"] == 0.1
+    decayed = build_method("base_one_weight", weight_decay=0.125).configure_optimizer(0.1)
+    assert type(decayed) is torch.optim.Adam
+    assert decayed.param_groups[0]["weight_decay"] == 0.125
     staged = build_method("base_two_parts")  # no optimizer hyperparameter: Adam, no decay
     first = staged.configure_optimizer(0.01, stage="first")
     assert type(first) is torch.optim.Adam
@@ -237,6 +240,14 @@ def test_model_file_holds_name_hparams_version_and_weights(tmp_path) -> None:
     assert type(loaded) is OneWeight and loaded.weight.item() == 3.0
     assert loaded.hparams == method.hparams
     assert OneWeight.load(tmp_path / "m.pt").weight.item() == 3.0
+    locations: list[str] = []
+
+    def to_cpu(storage, location):  # map_location reaches torch.load
+        locations.append(location)
+        return storage
+
+    assert Method.load(tmp_path / "m.pt", map_location=to_cpu).weight.item() == 3.0
+    assert locations and set(locations) == {"cpu"}
     with pytest.raises(
         InputError, match=r"m\.pt: holds method 'base_one_weight', expected 'base_two"
     ):
