@@ -27,6 +27,7 @@ around them is what is tested, so each test takes milliseconds.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -114,10 +115,19 @@ def cosine_alpha_bar(steps: int, s: float = 0.008) -> np.ndarray:
 
 
 def stand_in(**overrides):
+    """The tiny cDDPM with stand-ins for the UNet and the encoder, and its noise draws
+    recorded in ``noise_timesteps`` (t-dependent noise, e.g. ``simplex_3d``, reads them)."""
     torch.manual_seed(0)
     method = build_method("cddpm", **{**TINY, **overrides})
     method.unet = Function(fake_x0)
     method.encoder = Function(fake_encoder)
+    draw, method.noise_timesteps = method.noise, []
+
+    def recording_noise(shape, timesteps=None, **kwargs):
+        method.noise_timesteps.append(None if timesteps is None else timesteps.tolist())
+        return draw(shape, timesteps, **kwargs)
+
+    method.noise = recording_noise
     return method
 
 
@@ -163,7 +173,12 @@ def test_mask_is_the_first_cells_of_a_uniform_random_order():
 
 @pytest.mark.parametrize(("grid", "ratio", "keep"), [((2, 2), 0.9, 0), ((2, 2), 0.1, 4)])
 def test_mask_without_a_visible_or_masked_cell_is_refused(grid, ratio, keep):
-    with pytest.raises(InputError, match=rf"2 × 2 grid with mask ratio {ratio} keeps {keep} of 4"):
+    message = (
+        f"SparK: a 2 × 2 grid with mask ratio {ratio} keeps {keep} of 4 cells visible; at "
+        "least one must be visible and one masked (use a larger slice or encoder_max_pool: "
+        "false for 16-px cells)"
+    )
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
         random_active_cells(2, grid, ratio)
 
 
@@ -237,11 +252,11 @@ def test_sparse_batch_norm_is_a_batch_norm_1d_over_visible_positions(momentum):
     """The reference's ``SparseBatchNorm2d`` is a ``BatchNorm1d`` applied to the features at
     visible positions ([N, C]); masked positions come out 0. Training then evaluation."""
     generator = torch.Generator().manual_seed(0)
-    norm = torch.nn.BatchNorm2d(3, momentum=momentum)
+    norm = torch.nn.BatchNorm2d(3, momentum=momentum, eps=0.5)  # the norm's own ε
     with torch.no_grad():
         norm.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
         norm.bias.copy_(torch.tensor([0.1, -0.3, 0.7]))
-    oracle = torch.nn.BatchNorm1d(3, momentum=momentum)
+    oracle = torch.nn.BatchNorm1d(3, momentum=momentum, eps=0.5)
     oracle.load_state_dict(norm.state_dict())
     active = torch.rand(2, 1, 4, 6, generator=generator) > 0.5
     for step in range(2):
@@ -408,19 +423,20 @@ def test_spark_head_layout_and_decoder_initialisation():
     assert (head.out.bias == 0).all()
 
 
-def test_spark_head_forward_by_hand():
+@pytest.mark.parametrize("stride", [16, 32])
+def test_spark_head_forward_by_hand(stride):
     """Deepest first: sparse BN, mask tokens at masked positions, link, then x = 0; per
-    level x = level(x + link_i); output the 1 × 1 projection. Features at masked positions
-    are never read."""
+    level x = level(x + link_i) (at stride 32 the fifth level gets no link); output the
+    1 × 1 projection. Features at masked positions are never read."""
     torch.manual_seed(0)
-    head = SparKHead(feature_channels=[4, 6, 8, 12], stride=16, width=16, out_channels=1)
+    head = SparKHead(feature_channels=[4, 6, 8, 12], stride=stride, width=32, out_channels=1)
     with torch.no_grad():
         for token in head.mask_tokens:
             token.normal_()
     active = torch.tensor([[[[True, False], [False, True]]], [[[False, False], [True, False]]]])
     features = [torch.randn(2, c, 16 // 2**k, 16 // 2**k) for k, c in enumerate([4, 6, 8, 12])]
     out = head(features, active)
-    assert out.shape == (2, 1, 32, 32)  # 2 × 2 cells of 16 px
+    assert out.shape == (2, 1, 2 * stride, 2 * stride)  # 2 × 2 cells
 
     to_decoder = []
     for i, feature in enumerate(features[::-1]):
@@ -432,8 +448,10 @@ def test_spark_head_forward_by_hand():
         )
         filled = torch.where(where, normalised.permute(0, 3, 1, 2), head.mask_tokens[i])
         to_decoder.append(head.links[i](filled))
+    links = to_decoder + [0] * (len(head.decoder) - 4)
+    assert len(links) == round(math.log2(stride))
     x = 0
-    for level, link in zip(head.decoder, to_decoder, strict=True):
+    for level, link in zip(head.decoder, links, strict=True):
         x = level(x + link)
     torch.testing.assert_close(out, head.out(x))
 
@@ -526,7 +544,7 @@ def test_training_loss_by_hand(loss, region):
     (encoded,), _, _ = method.encoder.calls[0]
     assert torch.equal(encoded, images)
     (seen_noisy, seen_t), kwargs, _ = method.unet.calls[0]
-    assert torch.equal(seen_t, t)
+    assert torch.equal(seen_t, t) and method.noise_timesteps == [t.tolist()]
     np.testing.assert_allclose(seen_noisy.numpy(), noisy, atol=1e-5)
     torch.testing.assert_close(kwargs["class_labels"], fake_encoder(images))
 
@@ -567,6 +585,7 @@ def score_by_hand(images, steps, seed, abar, per_slice=False):
         ({}, (250, 500, 750)),
         ({"test_timesteps": [1, 1000], "score_seed": 4}, (1, 1000)),
         ({"test_timesteps": [20, 7], "num_train_timesteps": 20}, (20, 7)),
+        ({"test_timesteps": [5]}, (5,)),  # one noise level (config/tiny.yaml)
     ],
 )
 def test_scoring_by_hand(settings, steps):
@@ -584,6 +603,7 @@ def test_scoring_by_hand(settings, steps):
     assert torch.equal(method.encoder.calls[0][0][0], images)  # the clean slice
     (_, t), kwargs, training = method.unet.calls[0]
     assert t.tolist() == [s - 1 for s in steps for _ in range(2)] and not training
+    assert method.noise_timesteps == [[s - 1] * 2 for s in steps]  # a draw per level, for it
     assert torch.equal(kwargs["class_labels"], fake_encoder(images).repeat(len(steps), 1))
 
     looped = method.unbatched_score(images, brainmask)
@@ -655,6 +675,8 @@ def test_stage_losses_and_optimisers():
     assert torch.equal(model_loss, method.training_loss(batch))
     with pytest.raises(InputError, match="no loss for stage 'other'"):
         method.stage_loss("other", batch)
+    with pytest.raises(InputError, match="has no stage 'other'"):
+        method.configure_optimizer(1e-4, "other")
 
     method = build_method("cddpm", **{**TINY, **settings})
     spark = method.configure_optimizer(3e-3, SPARK_STAGE)
@@ -726,6 +748,7 @@ def test_paper_defaults_and_their_parts():
     500 / 750, simplex noise, pred_x0, L1), ``DDPM_2D.py`` (``cond_dim = unet_dim × 4``),
     ``Spark_2D.yaml`` / ``Spark_2D_pretrain.yaml`` (ResNet-50, mask ratio 0.65, decoder 512)
     and ``Spark_2D.py`` (AdamW 0.05, (0.9, 0.95))."""
+    torch.manual_seed(0)
     method = build_method("cddpm")
     assert method.hparams == {
         "in_channels": 1,
@@ -769,6 +792,11 @@ def test_paper_defaults_and_their_parts():
     head = method.spark_head
     assert [level[0].in_channels for level in head.decoder] == [512, 256, 128, 64, 32]
     assert head.out.in_channels == 16 and head.links[0].in_channels == 2048
+    # Mask tokens: N(0, 0.02²) truncated to ±0.02 (±1σ), whose standard deviation is
+    # 0.02 · sqrt(1 − 2φ(1) / (2Φ(1) − 1)) = 0.01079 (3840 values: ±8e-5).
+    tokens = torch.cat([t.detach().flatten() for t in head.mask_tokens])
+    assert tokens.numel() == 3840 and tokens.abs().max() <= 0.02
+    assert tokens.std().item() == pytest.approx(0.01079, abs=3e-4)
     assert [s.name for s in method.stages] == [SPARK_STAGE, FINAL_STAGE]
     assert method.stage(FINAL_STAGE).consumes == (SPARK_STAGE,)
     assert method.stage(SPARK_STAGE).modules == ("encoder", "spark_head")
@@ -778,6 +806,19 @@ def test_paper_defaults_and_their_parts():
 def test_settings_are_recorded_and_reach_their_parts():
     settings = {
         "in_channels": 2,
+        "channels": (8, 16),
+        "attention_levels": (False, True),
+        "num_res_blocks": 2,
+        "num_head_channels": 4,
+        "norm_num_groups": 4,
+        "resblock_updown": False,
+        "num_train_timesteps": 400,
+        "schedule": "linear_beta",
+        "noise_settings": {"octaves": 2, "frequency": 8.0},
+        "loss": "l2",
+        "loss_region": "brain",
+        "optimizer": "adamw",
+        "weight_decay": 0.1,
         "test_timesteps": ["300", 10],
         "encoder": "resnet18",
         "encoder_widen_factor": 0.25,
@@ -785,13 +826,30 @@ def test_settings_are_recorded_and_reach_their_parts():
         "condition_dim": 6,
         "spark_settings": {"mask_ratio": 0.5, "decoder_width": 32},
         "score_seed": 3,
-        "noise": "gaussian",
+        "noise": "simplex",
     }
     method = build_method("cddpm", **{**TINY, **settings})
     expected = {**settings, "test_timesteps": (300, 10)}
     for key, value in expected.items():
         assert method.hparams[key] == value, key
     assert "test_timestep" not in method.hparams
+    unet, scheduler = method.unet, method.scheduler
+    assert unet.block_out_channels == (8, 16) and unet.num_res_blocks == (2, 2)
+    assert unet.in_channels == 2 and not isinstance(
+        unet.down_blocks[0].downsampler, DiffusionUNetResnetBlock
+    )
+    assert scheduler.num_train_timesteps == 400
+    assert scheduler.betas[0].item() == pytest.approx(1e-4, rel=1e-5)
+    assert (scheduler.betas[1] - scheduler.betas[0]).item() == pytest.approx(
+        (0.02 - 1e-4) / 399, rel=1e-4
+    )  # linear β from 1e-4 to 0.02
+    assert method.noise.settings() == {
+        "kind": "simplex",
+        "octaves": 2,
+        "persistence": 0.8,
+        "frequency": 8.0,
+        "normalise": False,
+    }
     encoder = method.encoder
     assert len(encoder.layer1) == 2 and stage_channels(encoder) == [16, 32, 64, 128]
     assert encoder_stride(encoder) == 32 and encoder.conv1.in_channels == 2
@@ -807,7 +865,10 @@ def test_settings_are_recorded_and_reach_their_parts():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"test_timesteps": []}, "test_timesteps is empty"),
+        (
+            {"test_timesteps": []},
+            r"^method 'cddpm': hyperparameter test_timesteps is empty; paper: \[250, 500, 750\]$",
+        ),
         ({"test_timesteps": [0, 500]}, r"\[0\] outside 1 … num_train_timesteps \(1000\)"),
         ({"test_timesteps": [21], "num_train_timesteps": 20}, r"\[21\] outside 1 … .*\(20\)"),
         ({"encoder": "resnet101"}, "encoder='resnet101'"),
