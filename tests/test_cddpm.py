@@ -47,15 +47,6 @@ def test_stages_spark_feeds_model_and_nossl_has_none():
         tiny("cddpm_nossl", spark_settings={"mask_ratio": 0.5})
 
 
-def test_paper_encoder_is_resnet50_with_512_outputs():
-    method = build_method("cddpm")
-    assert type(method.encoder).__name__ == "ResNet"
-    assert method.encoder.fc.out_features == 512 == method.hparams["condition_dim"]
-    assert sum(p.numel() for p in method.encoder.parameters()) == pytest.approx(24.55e6, rel=1e-3)
-    assert method.hparams["test_timesteps"] == (250, 500, 750)
-    assert "test_timestep" not in method.hparams
-
-
 def test_condition_is_concatenated_changes_output_and_receives_gradients():
     method = tiny()
     randomise(method, seed=1)

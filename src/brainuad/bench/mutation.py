@@ -67,7 +67,22 @@ UNIT_TESTS: dict[str, list[str]] = {
     "methods/pddpm.py": ["tests/test_pddpm.py", "tests/test_pddpm_definitions.py"],
     "methods/anoddpm.py": ["tests/test_anoddpm.py", "tests/test_anoddpm_definitions.py"],
     "methods/autoddpm.py": ["tests/test_autoddpm.py"],
-    "methods/cddpm.py": ["tests/test_cddpm.py"],
+    # test_cddpm.py less its benchmark test (it times both stages through bench.steps)
+    "methods/cddpm.py": [
+        "tests/test_cddpm.py::test_stages_spark_feeds_model_and_nossl_has_none",
+        "tests/test_cddpm.py::test_condition_is_concatenated_changes_output_and_receives_gradients",
+        "tests/test_cddpm.py::test_encoder_loads_spark_weights_but_not_fc_or_head",
+        "tests/test_cddpm.py::test_stage_parameters_and_optimisers",
+        "tests/test_cddpm.py::test_masked_cell_loss_ignores_visible_cells",
+        "tests/test_cddpm.py::test_random_active_cells_keep_35_percent",
+        "tests/test_cddpm.py::test_sparse_batch_norm_uses_visible_positions_only",
+        "tests/test_cddpm.py::test_sparse_mode_zeroes_masked_positions_and_restores_the_dense_encoder",
+        "tests/test_cddpm.py::test_spark_loss_trains_the_encoder",
+        "tests/test_cddpm.py::test_spark_refuses_sizes_off_the_cell_grid",
+        "tests/test_cddpm.py::test_ensemble_is_one_batch_with_the_encoding_computed_once",
+        "tests/test_cddpm.py::test_invalid_hparams_are_named",
+        "tests/test_cddpm_definitions.py",
+    ],
     "methods/wolleb.py": [
         "tests/test_wolleb.py",
         "tests/test_wolleb_definitions.py",

@@ -649,12 +649,18 @@ class CDDPM(DDPM):
             for k, v in payload["state_dict"].items()
             if k.startswith(prefix) and not k.startswith(prefix + "fc.")
         }
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+        # Checked before loading: torch reports other shapes only with a RuntimeError that
+        # names no file, after copying the weights that fit.
+        own = {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("fc.")}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or reshaped:
             raise InputError(
-                f"{path}: encoder weights do not match this encoder (missing "
-                f"{sorted(missing)}, unexpected {sorted(unexpected)})"
+                f"{path}: encoder weights do not match this encoder (missing {missing}, "
+                f"unexpected {unexpected}, other shapes {reshaped})"
             )
+        self.encoder.load_state_dict(state, strict=False)
 
 
 @register("cddpm_nossl")
