@@ -43,10 +43,12 @@ test-all: lint
 ## Mutation testing (mutmut) of chosen modules against their own unit tests; writes the
 ## scores into docs/testing.md. A periodic check, not part of CI. Example:
 ##   make mutation MODULES="evaluation/postprocess.py slices/splits.py"
+## After adding tests, run only the last run's survivors again (and rescore):
+##   make mutation MODULES=slices/splits.py MUTATION_ARGS=--rerun-survivors
 MODULES ?= evaluation/postprocess.py slices/splits.py preprocess/normalise.py preprocess/crop.py
 mutation: setup
 	$(BIN)/python -m pip install --quiet -e ".[test,mutation]"
-	$(BIN)/python -m brainuad.bench.mutation $(MODULES)
+	$(BIN)/python -m brainuad.bench.mutation $(MUTATION_ARGS) $(MODULES)
 
 clean-results:
 	rm -rf results logs benchmarks .snakemake .mutation

@@ -212,18 +212,32 @@ def run_module(
     equivalents: set[str],
     mutmut: str,
     reuse: bool = False,
+    rerun_survivors: bool = False,
 ) -> ModuleScore:
     """Run mutmut on one module in its own work folder (``reuse``: read the results of the
-    last run there instead, e.g. after listing equivalent survivors); return its counts."""
+    last run there instead, e.g. after listing equivalent survivors; ``rerun_survivors``: run
+    only the last run's survivors again there, e.g. after adding tests, which cannot revive
+    a killed mutant); return its counts."""
     if module not in UNIT_TESTS:
         raise SystemExit(f"{module}: no unit tests listed in brainuad.bench.mutation.UNIT_TESTS")
     if not (root / "src/brainuad" / module).is_file():
         raise SystemExit(f"src/brainuad/{module}: no such module")
     tests = [t for t in UNIT_TESTS[module] if (root / t.partition("::")[0]).is_file()]
     work = root / ".mutation" / slug(module)
-    if reuse and not (work / "mutants").is_dir():
+    if (reuse or rerun_survivors) and not (work / "mutants").is_dir():
         raise SystemExit(f"{work}: no results of an earlier run to reuse")
-    if not reuse:
+    if rerun_survivors:
+        names = (work / "survivors.txt").read_text().split()
+        # mutmut maps tests to the functions they call once: map the changed tests afresh
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        if names:
+            subprocess.run(
+                [mutmut, "run", "--max-children", str(max_children), *names],
+                cwd=work,
+                check=True,
+                env=single_threaded_env(),
+            )
+    elif not reuse:
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -316,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="rescore the last run's results in .mutation/ (e.g. after listing equivalents)",
     )
+    parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run only the last run's survivors again, in the same work folder (after adding "
+        "tests), and rescore",
+    )
     args = parser.parse_args(argv)
     root = Path.cwd()
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
@@ -324,7 +344,15 @@ def main(argv: list[str] | None = None) -> None:
     commit = git_commit(root)
     command = "make mutation MODULES=" + shlex.quote(" ".join(args.modules))
     for module in args.modules:
-        score = run_module(root, module, args.max_children, equivalents, mutmut, args.reuse)
+        score = run_module(
+            root,
+            module,
+            args.max_children,
+            equivalents,
+            mutmut,
+            reuse=args.reuse,
+            rerun_survivors=args.rerun_survivors,
+        )
         row = table_row(score, date, commit)
         print(row, flush=True)
         if not args.no_doc:  # after each module, so a long run's finished modules are kept
