@@ -66,7 +66,7 @@ UNIT_TESTS: dict[str, list[str]] = {
     "methods/intensity.py": ["tests/test_intensity_definitions.py"],
     "methods/pddpm.py": ["tests/test_pddpm.py", "tests/test_pddpm_definitions.py"],
     "methods/anoddpm.py": ["tests/test_anoddpm.py", "tests/test_anoddpm_definitions.py"],
-    "methods/autoddpm.py": ["tests/test_autoddpm.py"],
+    "methods/autoddpm.py": ["tests/test_autoddpm.py", "tests/test_autoddpm_definitions.py"],
     "methods/cddpm.py": ["tests/test_cddpm.py"],
     "methods/wolleb.py": [
         "tests/test_wolleb.py",
