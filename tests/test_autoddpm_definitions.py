@@ -229,8 +229,9 @@ def test_scoring_by_hand(case: dict) -> None:
         method.perceptual = lambda x, y: torch.from_numpy(
             fake_perceptual(x.double().numpy(), y.double().numpy())
         ).float()
-    images = _images(channels=settings.get("in_channels", 1))
-    out = method.score(images, torch.ones(2, 1, 16, 16))
+    batch = 3 if settings.get("in_channels", 1) > 1 else 2  # B ≠ C: t has one entry per slice
+    images = _images(batch=batch, channels=settings.get("in_channels", 1))
+    out = method.score(images, torch.ones(batch, 1, 16, 16))
 
     n_timesteps = settings.get("num_train_timesteps", 1000)
     schedule = float32_schedule(
@@ -259,7 +260,9 @@ def test_scoring_by_hand(case: dict) -> None:
     assert 0 < mask.mean() < 1
     calls = method.unet.calls
     assert [int(t[0]) for _, t in calls] == timesteps
-    assert all(t.dtype == torch.long and t.shape == (2,) and (t == t[0]).all() for _, t in calls)
+    assert all(
+        t.dtype == torch.long and t.shape == (batch,) and (t == t[0]).all() for _, t in calls
+    )
     np.testing.assert_allclose(out.reconstruction.numpy(), expected_rec, atol=2e-4)
     np.testing.assert_allclose(out.anomaly_map.numpy(), expected_map, atol=2e-4)
     # the pieces on their own, on the implementation's reconstruction
@@ -406,6 +409,30 @@ def test_anomaly_mask_threshold_is_strict_and_the_percentile_clipped_to_one() ->
     # a fixed 0 masks every nonzero pixel, a fixed threshold above the map none
     assert _method(mask_threshold=0.0).anomaly_mask(combined)[1].sum() == 100
     assert _method(mask_threshold=5.0).anomaly_mask(combined).sum() == 0
+    # the percentile is clipped to [0, 1] from below too: a map below 0 masks nothing
+    assert _method().anomaly_mask(combined - 4.0).sum() == 0
+
+
+def test_reconstruction_and_inpainting_are_clamped_to_the_image_range(monkeypatch) -> None:
+    method = _method(inference_steps=10, recon_timestep=100, inpaint_timestep=100)
+    images = _images()
+    # a chain leaving [0, 1]: x̂ = clamp(·, 0, 1) (step 1)
+    monkeypatch.setattr(method, "_denoise_step", lambda sample, t, generator: 3 * sample - 1)
+    generator = torch.Generator().manual_seed(0)
+    noised = method._noised(images, 100, generator)
+    chain = 3 * (3 * noised - 1) - 1  # two steps: t = 100, 0
+    reconstruction = method.reconstruct(images, torch.Generator().manual_seed(0))
+    assert torch.equal(reconstruction, chain.clamp(0, 1))
+    assert chain.max() > 1.5 and chain.min() < -0.5
+    # an inpainting leaving [0, 1]: the returned reconstruction and the final map use it clamped
+    inpainted = 2.5 * images - 0.7
+    monkeypatch.setattr(method, "reconstruct", lambda x, generator: x.flip(-1))
+    monkeypatch.setattr(method, "inpaint", lambda x, stitched, mask, generator: inpainted)
+    out = method.score(images, torch.ones(2, 1, 16, 16))
+    clamped = inpainted.clamp(0, 1)
+    assert torch.equal(out.reconstruction, clamped)
+    combined = method.combined_map(images, images.flip(-1))
+    torch.testing.assert_close(out.anomaly_map, (images - clamped).abs().mean(1) * combined)
 
 
 def test_inpainting_ends_with_the_input_outside_the_mask() -> None:
