@@ -84,10 +84,10 @@ def linear_alphas_cumprod(n_timesteps: int, beta_start=1e-4, beta_end=0.02) -> n
 
 
 def float32_schedule(n_timesteps: int, beta_start=1e-4, beta_end=0.02):
-    """(β, ᾱ) as the reference's torch schedule holds them (float32), in float64: 1 − ᾱ_t
-    near t = 0 carries a relative rounding error of 1e-4 there, which the normalised
-    residual of a short chain amplifies; the schedule itself is checked against the float64
-    formula (``linear_alphas_cumprod``)."""
+    """(β, ᾱ) as the torch schedule holds them (float32, as in the reference), in float64.
+    Near t = 0, β_t and 1 − ᾱ_t are of order 1e-4 and their float32 rounding (relative 1e-4)
+    is amplified by the normalised residual of a short chain; these values are checked
+    against the float64 formula (``linear_alphas_cumprod``) separately."""
     betas = torch.linspace(beta_start, beta_end, n_timesteps, dtype=torch.float32)
     return betas.double().numpy(), torch.cumprod(1 - betas, 0).double().numpy()
 
