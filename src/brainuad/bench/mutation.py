@@ -66,7 +66,7 @@ UNIT_TESTS: dict[str, list[str]] = {
     "methods/intensity.py": ["tests/test_intensity_definitions.py"],
     "methods/pddpm.py": ["tests/test_pddpm.py", "tests/test_pddpm_definitions.py"],
     "methods/anoddpm.py": ["tests/test_anoddpm.py", "tests/test_anoddpm_definitions.py"],
-    "methods/autoddpm.py": ["tests/test_autoddpm.py"],
+    "methods/autoddpm.py": ["tests/test_autoddpm.py", "tests/test_autoddpm_definitions.py"],
     # test_cddpm.py less its benchmark test (it times both stages through bench.steps)
     "methods/cddpm.py": [
         "tests/test_cddpm.py::test_stages_spark_feeds_model_and_nossl_has_none",
