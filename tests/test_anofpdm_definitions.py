@@ -30,7 +30,7 @@ from test_cfg_diffusion_definitions import (
 from tiny_hparams import CFG_TINY
 
 from brainuad.errors import InputError
-from brainuad.methods import build_method, cfg_diffusion
+from brainuad.methods import anofpdm, build_method, cfg_diffusion
 from brainuad.methods.anofpdm import (
     AnoFPDM,
     ForwardProcessAggregator,
@@ -210,12 +210,31 @@ def test_forward_process_against_float64(settings, channels, kernel):
 def test_aggregator_without_a_step_and_with_zero_curves():
     x = torch.zeros(1, 1, 2, 2)
     aggregator = ForwardProcessAggregator(x)
-    with pytest.raises(RuntimeError, match="no step"):
+    with pytest.raises(RuntimeError, match=r"^ForwardProcessAggregator: no step was added$"):
         aggregator.channel_maps()
     aggregator.update(x.clone(), x.clone())  # x̂0 = x: both MSE curves are zero
     assert aggregator.cosine().item() == 0.0  # not NaN: each norm is clamped at 1e-6
     assert aggregator.cosine().dtype == torch.float32
     assert torch.equal(aggregator.channel_maps(), torch.zeros_like(x))
+
+
+def test_cosine_sums_keep_the_resolution_of_similarities_near_one():
+    """Over 600 steps the MSE curves of one slice are nearly parallel (1 − cos ≈ 4e−7): the
+    running sums are float64, so the cosine is right to a float32 step (6e−8) near 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(4, 1, 4, 4)
+    aggregator = ForwardProcessAggregator(x)
+    curve_g, curve_u = [], []
+    for k in range(600):
+        guided = torch.rand(4, 1, 4, 4, generator=g) * (1 + k / 100)
+        unguided = guided + 0.01 * torch.rand(4, 1, 4, 4, generator=g)
+        aggregator.update(guided, unguided)
+        curve_g.append(guided.square().mean(dim=(1, 2, 3)).double().numpy())
+        curve_u.append(unguided.square().mean(dim=(1, 2, 3)).double().numpy())
+    cg, cu = np.array(curve_g), np.array(curve_u)
+    expected = (cg * cu).sum(0) / np.sqrt((cg**2).sum(0) * (cu**2).sum(0))
+    assert (1 - expected < 1e-6).all()
+    np.testing.assert_allclose(aggregator.cosine().double().numpy(), expected, rtol=0, atol=5e-8)
 
 
 def cal_cos_and_abe_range_np(cosine, max_diff, labels):
@@ -252,6 +271,17 @@ def test_select_constants_against_the_reference_rule():
     assert set(constants) == {"thr_cos", "cos_quantile", "n_misclassified", "diff_max", "diff_min"}
 
 
+def test_select_constants_counts_ties_at_the_threshold_as_correct():
+    """Strict comparisons, as the reference: a healthy slice at the threshold is not below
+    it and a lesion slice at it is not above it (ties occur: identical slices, e.g. empty
+    ones, have identical curves)."""
+    cosine = torch.tensor([0.9] * 5 + [0.99] * 5 + [0.9, 0.5])
+    labels = torch.tensor([0] * 10 + [1, 1])
+    constants = select_constants(cosine, torch.ones(12, 1), labels)
+    assert constants["thr_cos"] == pytest.approx(0.9) and constants["n_misclassified"] == 0
+    assert constants["cos_quantile"] == pytest.approx(0.005)
+
+
 def test_select_constants_needs_both_kinds_of_slice():
     with pytest.raises(InputError, match="got 3 healthy and 0 lesion slice"):
         select_constants(torch.rand(3), torch.rand(3, 1), torch.zeros(3))
@@ -266,7 +296,7 @@ def test_slice_thresholds_against_get_mask_batch():
     rng = np.random.default_rng(4)
     b, k = 5, 2
     maps = rng.random((b, k, 6, 6)).astype(np.float32)
-    max_diff = np.array([[0.5, 0.1], [3.0, 0.0], [0.123, 0.377], [1.0, 0.2], [0.01, 0.9]])
+    max_diff = np.array([[0.5, 0.1], [3.0, 0.0], [0.126, 0.1504], [1.0, 0.2], [0.01, 0.9]])
     cosine = np.array([0.5, 0.9, 0.91, 0.95, 0.89])
     constants = {"diff_max": [1.0, 0.4], "thr_cos": 0.9}
     stats = ForwardProcessStatistics(
@@ -279,7 +309,8 @@ def test_slice_thresholds_against_get_mask_batch():
     thresholds, is_lesion = slice_thresholds(stats, constants)
     quantiles = np.linspace(0.90, 0.98, 101)[::-1]
     ratio = np.clip(max_diff / np.array(constants["diff_max"]), 0, 1)
-    index = np.rint(ratio * 100).astype(int)  # none of these ratios sits on a rounding edge
+    # Two decimals: 0.126 → 0.13 and 0.376 → 0.38 (none sits on a rounding edge).
+    index = np.rint(ratio * 100).astype(int)
     expected = np.array(
         [
             np.mean([np.quantile(maps[i, c].ravel(), quantiles[index[i, c]]) for c in range(k)])
@@ -374,6 +405,67 @@ def test_selection_resizes_to_the_working_size_and_keeps_eval_mode(tmp_path):
     seen.clear()
     selection_from_slices(method, [(path, ["s1"])])
     assert seen[0].shape == (4, 2, 16, 16)  # default: all channels, batch 16, native size
+
+
+def test_selection_batches_of_16_by_default_on_the_methods_device(tmp_path):
+    path = tmp_path / "a.h5"
+    write_slices(path, [f"s{i}" for i in range(5)])  # 20 slices
+    method = fpdm().to("meta")
+    devices, sizes = [], []
+
+    def forward_process(images):
+        devices.append(images.device.type)
+        sizes.append(len(images))
+        b = len(images)
+        return ForwardProcessStatistics(
+            anomaly_map=torch.zeros(b, 16, 16),
+            channel_maps=torch.zeros(b, 2, 16, 16),
+            max_diff=torch.ones(b, 2),
+            end_step=torch.zeros(b, 2, dtype=torch.long),
+            cosine=torch.linspace(0, 1, b),
+        )
+
+    method.forward_process = forward_process
+    selection_from_slices(method, [(path, [f"s{i}" for i in range(5)])])
+    assert sizes == [16, 4] and devices == ["meta", "meta"]
+
+
+def test_select_for_fold_hands_its_settings_on(tmp_path, monkeypatch):
+    """The loaded model goes to the resolved device ("auto" by default), and the inputs,
+    size and batch size (16 by default) reach the selection."""
+    model_path = tmp_path / "model.pt"
+    build_method("anofpdm", in_channels=2, **CFG_TINY).save(model_path)
+    splits = tmp_path / "splits.csv"
+    write_splits(pd.DataFrame({"subject": ["s1"], "split": ["val"], "fold": [0]}), splits)
+    asked, calls = [], []
+
+    def resolve_device(device):
+        asked.append(device)
+        return torch.device("meta")
+
+    def selection(method, pairs, **kwargs):
+        calls.append((next(method.parameters()).device.type, pairs, kwargs))
+        return {"constants": {}}
+
+    monkeypatch.setattr("brainuad.training.device.resolve_device", resolve_device)
+    monkeypatch.setattr(anofpdm, "selection_from_slices", selection)
+    out = tmp_path / "selection.json"
+    select_for_fold(model_path=model_path, sources=[("x.h5", splits)], fold=0, out_path=out)
+    select_for_fold(
+        model_path=model_path,
+        sources=[("x.h5", splits)],
+        fold=0,
+        out_path=out,
+        inputs=["flair"],
+        size=8,
+        batch_size=3,
+        device="cuda:1",
+    )
+    assert asked == ["auto", "cuda:1"]
+    assert calls == [
+        ("meta", [("x.h5", ["s1"])], {"sequences": None, "size": None, "batch_size": 16}),
+        ("meta", [("x.h5", ["s1"])], {"sequences": ["flair"], "size": 8, "batch_size": 3}),
+    ]
 
 
 def test_write_selection_is_sorted_json_with_provenance_and_atomic(tmp_path):
