@@ -30,6 +30,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+_CFG_FAST = (
+    "guided_epsilon_formula_and_w0_is_the_conditional",
+    "batched_pair_equals_separate_conditional_and_null_calls",
+    "null_embedding_is_zero_and_stays_untrained",
+    "ddim_encode_decode_without_guidance_reconstructs",
+    "streaming_aggregation_equals_full_memory",
+    "forward_process_equals_the_transcribed_reference_loop",
+    "anofpdm_costs_two_evaluations_per_step_in_one_call",
+    "ddib_costs_one_encoding_and_two_decoding_evaluations_per_step",
+    "ddib_map_is_the_median_filtered_squared_error_of_its_translation",
+    "aggregator_state_does_not_grow_with_steps",
+    "select_constants_from_image_labels",
+    "slice_thresholds_pick_the_quantile_from_the_difference",
+    "selection_reads_no_pixel_label",
+    "map_settings_are_checked",
+)
+# The classifier-free guided methods' unit tests (shared by the three modules).
+CFG_TESTS = [
+    *(f"tests/test_cfg_diffusion.py::test_{name}" for name in _CFG_FAST),
+    "tests/test_cfg_diffusion_definitions.py",
+    "tests/test_ddib_definitions.py",
+    "tests/test_anofpdm_definitions.py",
+]
+
 # Each core module's own unit tests: the files whose tests are written for it (mutmut runs,
 # for each mutant, only those of these tests that execute the mutated function).
 UNIT_TESTS: dict[str, list[str]] = {
@@ -109,6 +133,11 @@ UNIT_TESTS: dict[str, list[str]] = {
     "methods/ddpm.py": ["tests/test_ddpm_definitions.py"],
     "methods/ae.py": ["tests/test_ae_definitions.py"],
     "methods/base.py": ["tests/test_base_definitions.py"],
+    # test_cfg_diffusion.py without its peak-memory test (two fresh interpreters, ~15 s);
+    # AnoFPDM and DDIB score through the shared model, so their tests test it too
+    "methods/cfg_diffusion.py": [*CFG_TESTS],
+    "methods/ddib.py": [*CFG_TESTS],
+    "methods/anofpdm.py": [*CFG_TESTS],
 }
 
 DOC = Path("docs/testing.md")
