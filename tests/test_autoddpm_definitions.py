@@ -31,6 +31,7 @@ import pytest
 import scipy.ndimage
 import torch
 from monai.networks.schedulers import DDPMScheduler
+from tiny_hparams import DDPM_TINY
 
 from brainuad.errors import InputError
 from brainuad.methods import autoddpm as autoddpm_module
@@ -47,13 +48,7 @@ from brainuad.methods.autoddpm import (
     stitch,
 )
 
-TINY = {
-    "channels": (8, 16),
-    "attention_levels": (False, False),
-    "num_res_blocks": 1,
-    "num_head_channels": 8,
-    "norm_num_groups": 8,
-}
+TINY = DDPM_TINY  # the UNet at 32 px, a few thousand parameters
 
 
 class Function(torch.nn.Module):

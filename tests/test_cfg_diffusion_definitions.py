@@ -176,6 +176,58 @@ def test_dropout_hyperparameter_reaches_the_unet_and_acts_in_training_only():
     assert not any(isinstance(b.conv2[0], torch.nn.Dropout) for b in resnet_blocks(none.unet))
 
 
+#: The shared model's defaults (the reference's ADM at 128², its training settings), which
+#: AnoFPDM and DDIB inherit.
+SHARED_DEFAULTS = {
+    "in_channels": 1,
+    "channels": (128, 128, 256, 384, 512),
+    "attention_levels": (False, False, True, True, True),
+    "num_res_blocks": 2,
+    "num_head_channels": (32, 32, 64, 96, 128),
+    "norm_num_groups": 32,
+    "resblock_updown": True,
+    "dropout": 0.1,
+    "label_dropout": 0.1,
+    "num_train_timesteps": 1000,
+    "num_inference_steps": 1000,
+    "score_seed": 0,
+    "optimizer": "adamw",
+    "weight_decay": 0.0,
+    "ema_decay": 0.9999,
+}
+
+#: A tiny build with every shared setting away from its default.
+SHARED_SETTINGS = {
+    "in_channels": 3,
+    "channels": (8, 16),
+    "attention_levels": (False, True),
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 4,
+    "resblock_updown": False,
+    "dropout": 0.2,
+    "label_dropout": 0.3,
+    "num_train_timesteps": 100,
+    "num_inference_steps": 20,
+    "score_seed": 4,
+    "optimizer": "adam",
+    "weight_decay": 0.01,
+    "ema_decay": 0.5,
+}
+
+
+def build_default_tiny(monkeypatch) -> None:
+    """Make a default build cheap: the UNet's arguments are kept in ``hparams``, but the
+    network itself is built tiny."""
+    monkeypatch.setattr(
+        cfg_diffusion,
+        "build_diffusion_unet",
+        lambda **kw: build_diffusion_unet(
+            in_channels=kw["in_channels"], num_class_embeds=3, **cfg_unet_kwargs()
+        ),
+    )
+
+
 def test_reference_defaults_reach_their_parts(monkeypatch):
     """A default build (the network's size recorded, built tiny): the reference's ADM at 128²
     (``script_util.py``: 128 × (1, 1, 2, 3, 4), 2 res blocks, attention at 32/16/8, 4 heads,
@@ -205,23 +257,7 @@ def test_reference_defaults_reach_their_parts(monkeypatch):
             "num_class_embeds": 3,
         }
     ]
-    assert method.hparams == {
-        "in_channels": 1,
-        "channels": (128, 128, 256, 384, 512),
-        "attention_levels": (False, False, True, True, True),
-        "num_res_blocks": 2,
-        "num_head_channels": (32, 32, 64, 96, 128),
-        "norm_num_groups": 32,
-        "resblock_updown": True,
-        "dropout": 0.1,
-        "label_dropout": 0.1,
-        "num_train_timesteps": 1000,
-        "num_inference_steps": 1000,
-        "score_seed": 0,
-        "optimizer": "adamw",
-        "weight_decay": 0.0,
-        "ema_decay": 0.9999,
-    }
+    assert method.hparams == SHARED_DEFAULTS
     assert {block.conv2[0].p for block in resnet_blocks(method.unet)} == {0.1}
     assert method.ema is not None and method.ema.decay == 0.9999
     scheduler = method.scheduler
@@ -241,21 +277,12 @@ def test_reference_defaults_reach_their_parts(monkeypatch):
 
 def test_every_hyperparameter_is_recorded_and_reaches_its_part():
     settings = {
+        **SHARED_SETTINGS,
         "in_channels": 2,
         "channels": [8, 16],
         "attention_levels": [False, True],
-        "num_res_blocks": 1,
-        "num_head_channels": 8,
-        "norm_num_groups": 4,
-        "resblock_updown": False,
-        "dropout": 0.2,
-        "label_dropout": 0.3,
-        "num_train_timesteps": 100,
         "num_inference_steps": 7,
         "score_seed": 5,
-        "optimizer": "adam",
-        "weight_decay": 0.01,
-        "ema_decay": 0.5,
     }
     method = Shared(**settings)
     assert method.hparams == {

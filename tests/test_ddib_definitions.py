@@ -12,8 +12,10 @@ import pytest
 import scipy.ndimage
 import torch
 from test_cfg_diffusion_definitions import (
+    SHARED_DEFAULTS,
+    SHARED_SETTINGS,
     StandInUNet,
-    cfg_unet_kwargs,
+    build_default_tiny,
     ddim_decode_np,
     ddim_encode_np,
     linear_alphas_cumprod,
@@ -21,9 +23,8 @@ from test_cfg_diffusion_definitions import (
 from tiny_hparams import CFG_TINY
 
 from brainuad.errors import InputError
-from brainuad.methods import build_method, cfg_diffusion
+from brainuad.methods import build_method
 from brainuad.methods.ddib import DDIB
-from brainuad.methods.diffusion_unet import build_diffusion_unet
 
 
 def ddib(**kwargs):
@@ -51,26 +52,14 @@ def test_reference_defaults(monkeypatch):
     """w = 1.1 and L = 450 (``run_translation_brats_ddib.sh``: ``--w 1.1``,
     ``sample_steps 450``), the 5 × 5 median filter, all input channels, the shared model's
     defaults (T = 1000 and every timestep, so L stays 450)."""
-    monkeypatch.setattr(
-        cfg_diffusion,
-        "build_diffusion_unet",
-        lambda **kw: build_diffusion_unet(
-            in_channels=kw["in_channels"], num_class_embeds=3, **cfg_unet_kwargs()
-        ),
-    )
+    build_default_tiny(monkeypatch)
     method = DDIB()
     assert method.name == "ddib" and method.has_reconstruction
     assert method.supervision == "image_labels"
     hp = method.hparams
     assert hp["guidance_scale"] == 1.1 and hp["encode_timestep"] == 450
     assert hp["map_channels"] is None and hp["median_kernel"] == 5
-    assert hp["num_train_timesteps"] == 1000 and hp["num_inference_steps"] == 1000
-    assert hp["dropout"] == 0.1 and hp["label_dropout"] == 0.1 and hp["ema_decay"] == 0.9999
-    assert hp["channels"] == (128, 128, 256, 384, 512) and hp["resblock_updown"] is True
-    assert hp["optimizer"] == "adamw" and hp["weight_decay"] == 0.0 and hp["score_seed"] == 0
-    assert hp["in_channels"] == 1 and hp["num_res_blocks"] == 2 and hp["norm_num_groups"] == 32
-    assert hp["attention_levels"] == (False, False, True, True, True)
-    assert hp["num_head_channels"] == (32, 32, 64, 96, 128)
+    assert {key: hp[key] for key in SHARED_DEFAULTS} == SHARED_DEFAULTS
     assert method.n_steps == 450
     assert DDIB.scoring_hparams == {
         "guidance_scale",
@@ -84,25 +73,11 @@ def test_reference_defaults(monkeypatch):
 
 def test_every_hyperparameter_is_recorded():
     settings = {
-        "in_channels": 3,
-        "channels": (8, 16),
-        "attention_levels": (False, True),
-        "num_res_blocks": 1,
-        "num_head_channels": 8,
-        "norm_num_groups": 4,
-        "resblock_updown": False,
-        "dropout": 0.2,
-        "label_dropout": 0.3,
-        "num_train_timesteps": 100,
-        "num_inference_steps": 20,
+        **SHARED_SETTINGS,
         "guidance_scale": 3,
         "encode_timestep": 60,
         "map_channels": (2, 0),
         "median_kernel": 3,
-        "score_seed": 4,
-        "optimizer": "adam",
-        "weight_decay": 0.01,
-        "ema_decay": 0.5,
     }
     method = build_method("ddib", **settings)
     assert method.hparams == {**settings, "guidance_scale": 3.0, "map_channels": [2, 0]}

@@ -16,18 +16,13 @@ import math
 
 import pytest
 import torch
+from tiny_hparams import DDPM_TINY
 
 from brainuad.errors import InputError
 from brainuad.methods.ddpm import DDPM
 from brainuad.noise import build_noise
 
-TINY = {
-    "channels": (8, 16),
-    "attention_levels": (False, False),
-    "num_res_blocks": 1,
-    "num_head_channels": 8,
-    "norm_num_groups": 8,
-}
+TINY = DDPM_TINY  # the UNet at 32 px, a few thousand parameters
 
 
 class _RecordingNet(torch.nn.Module):
