@@ -68,9 +68,16 @@ class TwoParts(Method):
         return ScoreOutput(torch.zeros(b, h + int(self.hparams["wrong_map"]), w))
 
 
-for _name, _cls in (("base_one_weight", OneWeight), ("base_two_parts", TwoParts)):
-    if _name not in _REGISTRY:
-        register(_name)(_cls)
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """The two methods in the registry for this module's tests only (a method registered at
+    import would join every other module's tests over all registered methods)."""
+    methods = {"base_one_weight": OneWeight, "base_two_parts": TwoParts}
+    for name, cls in methods.items():
+        register(name)(cls)
+    yield
+    for name in methods:
+        del _REGISTRY[name]
 
 
 def test_stage_lookup_and_the_data_each_stage_reads() -> None:
