@@ -192,6 +192,22 @@ def test_load_stage_copies_the_stage_modules_only(tmp_path) -> None:
     save_torch(payload, tmp_path / "no_a.pt")
     with pytest.raises(InputError, match=r"no_a\.pt: no weights of module 'a' \(stage 'first'\)"):
         fresh.load_stage("first", tmp_path / "no_a.pt")
+    payload = load_torch(tmp_path / "first.pt", "test")
+    payload["state_dict"]["a.weight"] = torch.zeros(3, 2)  # a Linear(2, 3): another width
+    save_torch(payload, tmp_path / "wider.pt")
+    a_before = fresh.a.weight.clone()
+    with pytest.raises(
+        InputError,
+        match=r"wider\.pt: weights do not match module 'a' \(missing \[\], unexpected \[\], "
+        r"other shapes \['weight'\]\)",
+    ):
+        fresh.load_stage("first", tmp_path / "wider.pt")
+    assert torch.equal(fresh.a.weight, a_before)  # nothing copied
+    payload = load_torch(tmp_path / "whole.pt", "test")
+    payload["state_dict"]["extra"] = torch.zeros(1)
+    save_torch(payload, tmp_path / "extra.pt")
+    with pytest.raises(InputError, match=r"extra\.pt: .* this method .*unexpected \['extra'\]"):
+        target.load_stage(FINAL_STAGE, tmp_path / "extra.pt")
 
 
 def test_score_is_deterministic_in_eval_mode_without_gradients() -> None:

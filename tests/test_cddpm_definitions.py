@@ -718,12 +718,15 @@ def test_load_stage_takes_the_encoder_without_fc_and_refuses_other_files(tmp_pat
 
     deeper = build_method("cddpm", **{**TINY, "encoder": "resnet18"})
     deeper.save(tmp_path / "resnet18.pt")
-    with pytest.raises(InputError, match=r"resnet18.pt: encoder weights do not match .*layer1\.1"):
+    with pytest.raises(
+        InputError, match=r"resnet18.pt: weights do not match this encoder .*layer1\.1"
+    ):
         target.load_stage(SPARK_STAGE, tmp_path / "resnet18.pt")
     wider = build_method("cddpm", **{**TINY, "encoder_widen_factor": 0.25})
     wider.save(tmp_path / "wider.pt")
     with pytest.raises(
-        InputError, match=r"wider\.pt: encoder weights do not match .*other shapes \['bn1.bias'"
+        InputError,
+        match=r"wider\.pt: weights do not match this encoder .*other shapes \['bn1.bias'",
     ):
         target.load_stage(SPARK_STAGE, tmp_path / "wider.pt")
     payload = torch.load(tmp_path / "spark.pt", weights_only=True)

@@ -145,10 +145,20 @@ def _without_lesion_train_split(config: dict) -> dict:
                 _with_toy_methods(c)["methods"].update(
                     weak={"method": "toy_weak", "training": {"max_steps": 2}}
                 )
-                or c["splits"].update(lesion_train_fraction={"other": 0.5})
+                or c["splits"].update(lesion_train_fraction={"synth_brats": 0.0})
             ),
             r"methods.weak: .* train split of 'synth_brats', but "
-            r"splits.lesion_train_fraction gives it \{'other': 0.5\}",
+            r"splits.lesion_train_fraction gives it \{'synth_brats': 0.0\}",
+        ),
+        (
+            # a misspelt or healthy dataset in a per-dataset setting would get its default
+            lambda c: c["splits"].update(lesion_train_fraction={"synth_brast": 0.5}),
+            r"splits.lesion_train_fraction.synth_brast: not a lesion dataset of the study "
+            r"\(lesion datasets: \['synth_brats'\]\)",
+        ),
+        (
+            lambda c: c["splits"].update(lesion_val_subjects={"synth_ixi": 1}),
+            r"splits.lesion_val_subjects.synth_ixi: not a lesion dataset",
         ),
     ],
 )

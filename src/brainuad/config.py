@@ -48,13 +48,16 @@ def check_config(config: dict[str, Any]) -> None:
                 f"slices.sequences: '{sequence}' is not preprocessed; "
                 f"add it to preprocess.sequences {sequences}"
             )
-    for name in config["splits"].get("lesion_val_subjects") or {}:
-        if name not in datasets or datasets[name]["lesion"] == "none":
-            lesion = sorted(d for d, spec in datasets.items() if spec["lesion"] != "none")
-            raise ConfigError(
-                f"splits.lesion_val_subjects.{name}: not a lesion dataset of the study "
-                f"(lesion datasets: {lesion})"
-            )
+    # Per-dataset split settings: a misspelt name would silently get the default.
+    for key in ("lesion_val_subjects", "lesion_train_fraction"):
+        per_dataset = config["splits"].get(key)
+        for name in per_dataset if isinstance(per_dataset, dict) else {}:
+            if name not in datasets or datasets[name]["lesion"] == "none":
+                lesion = sorted(d for d, spec in datasets.items() if spec["lesion"] != "none")
+                raise ConfigError(
+                    f"splits.{key}.{name}: not a lesion dataset of the study "
+                    f"(lesion datasets: {lesion})"
+                )
     check_methods(config)
     # Per-dataset settings: sources, folders, sequences, skull-strippers (adapter defaults).
     from brainuad.data.datasets import check_datasets  # imports this module

@@ -213,14 +213,14 @@ class Method(torch.nn.Module, abc.ABC):
         modules = self.stage(stage).modules
         state = payload["state_dict"]
         if not modules:
-            self.load_state_dict(state)
+            load_matching_state(self, state, path, "this method")
             return
         for module in modules:
             prefix = f"{module}."
             part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if not part:
                 raise InputError(f"{path}: no weights of module {module!r} (stage {stage!r})")
-            self.get_submodule(module).load_state_dict(part)
+            load_matching_state(self.get_submodule(module), part, path, f"module {module!r}")
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -309,6 +309,33 @@ def read_method_file(path: Path, map_location: str | torch.device = "cpu") -> di
     return payload
 
 
+def load_matching_state(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    what: str,
+    skip_prefix: str | None = None,
+) -> None:
+    """Load ``state`` into ``module`` after checking that its keys and shapes are the module's
+    (less the keys starting with ``skip_prefix``, which ``state`` leaves out): otherwise an
+    InputError naming the file ``path``, before any weight is copied (torch reports other
+    shapes with a RuntimeError that names no file)."""
+    own = {
+        k: v
+        for k, v in module.state_dict().items()
+        if skip_prefix is None or not k.startswith(skip_prefix)
+    }
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise InputError(
+            f"{path}: weights do not match {what} (missing {missing}, unexpected "
+            f"{unexpected}, other shapes {reshaped})"
+        )
+    module.load_state_dict(state, strict=skip_prefix is None)
+
+
 def reconstruction_loss(
     reconstruction: torch.Tensor,
     target: torch.Tensor,
@@ -348,6 +375,7 @@ __all__ = [
     "ScoreOutput",
     "Stage",
     "check_choice",
+    "load_matching_state",
     "read_method_file",
     "reconstruction_loss",
     "residual_map",

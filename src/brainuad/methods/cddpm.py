@@ -105,6 +105,7 @@ from brainuad.methods.base import (
     ScoreOutput,
     Stage,
     check_choice,
+    load_matching_state,
     read_method_file,
     reconstruction_loss,
     residual_map,
@@ -649,18 +650,7 @@ class CDDPM(DDPM):
             for k, v in payload["state_dict"].items()
             if k.startswith(prefix) and not k.startswith(prefix + "fc.")
         }
-        # Checked before loading: torch reports other shapes only with a RuntimeError that
-        # names no file, after copying the weights that fit.
-        own = {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("fc.")}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or reshaped:
-            raise InputError(
-                f"{path}: encoder weights do not match this encoder (missing {missing}, "
-                f"unexpected {unexpected}, other shapes {reshaped})"
-            )
-        self.encoder.load_state_dict(state, strict=False)
+        load_matching_state(self.encoder, state, path, "this encoder", skip_prefix="fc.")
 
 
 @register("cddpm_nossl")
