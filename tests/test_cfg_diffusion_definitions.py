@@ -245,18 +245,10 @@ def test_reference_defaults_reach_their_parts(monkeypatch):
 
     monkeypatch.setattr(cfg_diffusion, "build_diffusion_unet", record)
     method = Shared()
-    assert built == [
-        {
-            "in_channels": 1,
-            "channels": (128, 128, 256, 384, 512),
-            "attention_levels": (False, False, True, True, True),
-            "num_res_blocks": 2,
-            "num_head_channels": (32, 32, 64, 96, 128),
-            "norm_num_groups": 32,
-            "resblock_updown": True,
-            "num_class_embeds": 3,
-        }
-    ]
+    unet_settings = ("in_channels", "channels", "attention_levels", "num_res_blocks")
+    unet_settings += ("num_head_channels", "norm_num_groups", "resblock_updown")
+    expected = {key: SHARED_DEFAULTS[key] for key in unet_settings} | {"num_class_embeds": 3}
+    assert built == [expected]  # the UNet's settings, and 2 classes + the null label
     assert method.hparams == SHARED_DEFAULTS
     assert {block.conv2[0].p for block in resnet_blocks(method.unet)} == {0.1}
     assert method.ema is not None and method.ema.decay == 0.9999
