@@ -17,6 +17,7 @@ from brainuad.methods.base import (
     FINAL_STAGE,
     Stage,
     check_choice,
+    load_matching_state,
     read_method_file,
     reconstruction_loss,
     residual_map,
@@ -208,6 +209,20 @@ def test_load_stage_copies_the_stage_modules_only(tmp_path) -> None:
     save_torch(payload, tmp_path / "extra.pt")
     with pytest.raises(InputError, match=r"extra\.pt: .* this method .*unexpected \['extra'\]"):
         target.load_stage(FINAL_STAGE, tmp_path / "extra.pt")
+
+
+def test_matching_state_may_leave_out_a_prefix(tmp_path) -> None:
+    """cDDPM loads a SparK encoder without its ``fc``: the keys under ``skip_prefix`` are
+    neither required nor loaded; every other key must be there, with its shape."""
+    layer = torch.nn.Linear(2, 3)
+    bias = layer.bias.detach().clone()
+    weight = torch.arange(6.0).view(3, 2)
+    load_matching_state(layer, {"weight": weight}, tmp_path / "f.pt", "x", skip_prefix="bias")
+    assert torch.equal(layer.weight.detach(), weight) and torch.equal(layer.bias.detach(), bias)
+    with pytest.raises(InputError, match=r"f\.pt: weights do not match x \(missing \['weight'\]"):
+        load_matching_state(layer, {}, tmp_path / "f.pt", "x", skip_prefix="bias")
+    with pytest.raises(InputError, match=r"missing \['bias'\]"):
+        load_matching_state(layer, {"weight": weight}, tmp_path / "f.pt", "x")
 
 
 def test_score_is_deterministic_in_eval_mode_without_gradients() -> None:
